@@ -1,0 +1,1 @@
+"""How a run is started: local Ray (the embedded default), an existing Ray cluster, or a KubeRay job."""

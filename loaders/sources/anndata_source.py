@@ -1,0 +1,88 @@
+"""An in-memory AnnData as a `CellSource`: small references and queries take the same data path as atlases."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from loaders.errors import DataError
+from loaders.selection import CellSelection, resolve_genes, standardize_obs
+
+CHUNK_ROWS = 2048  # same row-block size as Census X tiles, so chunk ids mean the same thing everywhere
+
+
+def var_with_feature_columns(var: pd.DataFrame) -> pd.DataFrame:
+    """AnnData var → `feature_id`/`feature_name`, guessing which of var_names/columns hold Ensembl ids."""
+    names = var.index.astype(str)
+    out = pd.DataFrame(index=pd.RangeIndex(len(var)))
+    id_col = next((c for c in ("feature_id", "gene_ids", "gene_id", "ensembl_id") if c in var.columns), None)
+    name_col = next((c for c in ("feature_name", "gene_symbols", "gene_symbol", "symbol") if c in var.columns), None)
+    looks_ensembl = names.str.startswith(("ENSG", "ENSMUSG")).mean() > 0.5 if len(names) else False
+    ids = var[id_col].astype(str).to_numpy() if id_col else (names.to_numpy() if looks_ensembl else None)
+    symbols = var[name_col].astype(str).to_numpy() if name_col else (None if looks_ensembl else names.to_numpy())
+    out["feature_id"] = ids if ids is not None else symbols
+    out["feature_name"] = symbols if symbols is not None else ids
+    return out
+
+
+@dataclass
+class AnnDataSource:
+    """Wraps an AnnData whose `X` (or `layer`) holds raw counts."""
+
+    adata: ad.AnnData
+    selection: CellSelection = CellSelection()
+    layer: str | None = None
+    where: str = "AnnData"
+
+    def __post_init__(self) -> None:
+        if self.adata.n_obs == 0:
+            raise DataError(f"{self.where}: the file has no cells.")
+        if self.adata.n_vars == 0:
+            raise DataError(f"{self.where}: the file has no genes.")
+        obs = self.adata.obs
+        if self.selection.obs_value_filter:
+            try:
+                keep = obs.eval(self.selection.obs_value_filter).to_numpy(dtype=bool)
+            except Exception as exc:  # pandas raises many types for a bad expression
+                raise DataError(f"{self.where}: bad obs_value_filter {self.selection.obs_value_filter!r}: {exc}") from exc
+        else:
+            keep = np.ones(self.adata.n_obs, dtype=bool)
+        if not keep.any():
+            raise DataError(f"{self.where}: obs_value_filter {self.selection.obs_value_filter!r} matches no cell.")
+        self._rows = np.flatnonzero(keep)
+        std = standardize_obs(obs.iloc[self._rows], self.selection, self.where)
+        std.insert(0, "soma_joinid", self._rows.astype(np.int64))
+        std["obs_name"] = std.index.astype(str)
+        self.obs = std.reset_index(drop=True)
+        full_var = var_with_feature_columns(self.adata.var)
+        self._genes = resolve_genes(full_var, self.selection.genes, self.where)
+        self.var = full_var.iloc[self._genes].reset_index(drop=True)
+        matrix = self.adata.layers[self.layer] if self.layer else self.adata.X
+        if matrix is None:
+            raise DataError(f"{self.where}: X is empty; pass the layer holding raw counts.")
+        self._x = sp.csr_matrix(matrix, dtype=np.float32)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var)
+
+    def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
+        sub = self._x[self._rows[np.asarray(rows, dtype=np.int64)]]
+        return sub[:, self._genes] if len(self._genes) != self._x.shape[1] or not _is_identity(self._genes) else sub
+
+    def chunk_ids(self) -> np.ndarray:
+        return self.obs["soma_joinid"].to_numpy() // CHUNK_ROWS
+
+    def close(self) -> None:
+        pass
+
+
+def _is_identity(pos: np.ndarray) -> bool:
+    return bool(np.array_equal(pos, np.arange(len(pos))))

@@ -1,0 +1,48 @@
+"""The `scpermut` command: each sub-command lives in `scpermut_dist.commands.<name>`.
+
+A command module exposes `add_parser(subparsers)` (registering its arguments and `func`) and keeps
+its imports lazy, so `scpermut --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from loaders.errors import DataError
+
+COMMANDS = ("train", "map", "evaluate", "demo", "ingest", "synth", "bench")
+
+
+class UsageError(ValueError):
+    """A bad option or configuration value; the message says how to fix it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scpermut", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"scpermut_dist.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"scpermut_dist.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of `scpermut`; see `scpermut_dist.cli`."""
