@@ -6,5 +6,6 @@ from loaders.batch import PairedBatch
 from loaders.errors import DataError
 from loaders.normalize import Normalization
 from loaders.selection import CellSelection
+from loaders.validate import check_raw_counts
 
-__all__ = ["CellSelection", "DataError", "Normalization", "PairedBatch"]
+__all__ = ["CellSelection", "DataError", "Normalization", "PairedBatch", "check_raw_counts"]
