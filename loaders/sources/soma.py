@@ -1,0 +1,177 @@
+"""A TileDB-SOMA Experiment as a `CellSource`: obs/var in memory, X read by sorted soma_joinid batches.
+
+Each `read_counts` call is ONE coordinate read of X for the batch's (sorted) cell joinids and the
+selected gene joinids, re-indexed to local positions and assembled as CSR without densifying.
+The same class serves Census (see `census.py`), which passes an already-open Experiment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from loaders.errors import DataError
+from loaders.selection import CellSelection, resolve_genes, standardize_obs
+from loaders.sources.anndata_source import CHUNK_ROWS
+
+VALIDATE_ROWS = 256  # rows checked for raw counts when opening
+
+
+def soma_context(tiledb_config: dict | None = None, init_buffer_bytes: int | None = None):
+    """A SOMATileDBContext; `soma.init_buffer_bytes` bounds the memory of one read's result buffers."""
+    import tiledbsoma
+
+    cfg = dict(tiledb_config or {})
+    if init_buffer_bytes is not None:
+        cfg["soma.init_buffer_bytes"] = int(init_buffer_bytes)
+    return tiledbsoma.SOMATileDBContext(tiledb_config=cfg)
+
+
+@dataclass(frozen=True)
+class SomaExperimentSpec:
+    """Picklable recipe for a SOMA Experiment source (workers open it lazily themselves)."""
+
+    uri: str
+    selection: CellSelection = field(default_factory=CellSelection)
+    measurement: str = "RNA"
+    layer: str = "raw"
+    tiledb_config: dict | None = None
+    init_buffer_bytes: int | None = None
+
+    def open(self) -> "SomaExperimentSource":
+        exp = open_experiment(self.uri, soma_context(self.tiledb_config, self.init_buffer_bytes))
+        try:
+            src = SomaExperimentSource(exp, self.selection, self.measurement, self.layer,
+                                       where=f"SOMA Experiment {self.uri}", owned=(exp,))
+        except BaseException:
+            exp.close()
+            raise
+        src.spec = self
+        return src
+
+
+def open_soma_object(uri: str, context=None):
+    """Open any SOMA object read-only, turning 'not there' / 'not SOMA' into a DataError."""
+    import tiledbsoma
+
+    try:
+        return tiledbsoma.open(str(uri), mode="r", context=context)
+    except (tiledbsoma.DoesNotExistError, tiledbsoma.SOMAError, ValueError, TypeError) as exc:
+        raise DataError(
+            f"{uri}: does not exist or is not a SOMA object ({type(exc).__name__}: {exc}). "
+            "Give the path of a SOMA Experiment, a Census-shaped Collection, or an .h5ad file."
+        ) from exc
+
+
+def open_experiment(uri: str, context=None):
+    import tiledbsoma
+
+    obj = open_soma_object(uri, context)
+    if isinstance(obj, tiledbsoma.Experiment):
+        return obj
+    kind = type(obj).__name__
+    keys = list(obj.keys()) if isinstance(obj, tiledbsoma.Collection) else []
+    obj.close()
+    hint = (" It looks like a Census collection: open it with CensusSpec(uri=...) (or spec_from_uri)."
+            if "census_data" in keys else "")
+    raise DataError(f"{uri}: is a SOMA {kind}, not an Experiment (keys: {keys[:10]}).{hint}")
+
+
+class SomaExperimentSource:
+    """An open SOMA Experiment restricted to a `CellSelection`."""
+
+    spec: SomaExperimentSpec | None = None
+
+    def __init__(self, experiment, selection: CellSelection = CellSelection(), measurement: str = "RNA",
+                 layer: str = "raw", where: str = "SOMA Experiment", owned: tuple = ()) -> None:
+        self.where, self._owned = where, tuple(owned)
+        if measurement not in experiment.ms:
+            raise DataError(f"{where}: no measurement {measurement!r}; measurements are {list(experiment.ms.keys())}.")
+        ms = experiment.ms[measurement]
+        if "X" not in ms or layer not in ms.X:
+            layers = list(ms.X.keys()) if "X" in ms else []
+            raise DataError(f"{where}: measurement {measurement!r} has no X layer {layer!r}; layers are {layers}.")
+        self._x = ms.X[layer]
+        self.obs = self._read_obs(experiment.obs, selection)
+        var = ms.var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
+        var = var.sort_values("soma_joinid").reset_index(drop=True)
+        if len(var) == 0:
+            raise DataError(f"{where}: the measurement has no genes (var is empty).")
+        pos = resolve_genes(var, selection.genes, where)
+        self._var_ids = var["soma_joinid"].to_numpy(dtype=np.int64)[pos]
+        self.var = var.iloc[pos][["feature_id", "feature_name"]].reset_index(drop=True)
+        self._all_genes = len(pos) == len(var)
+        lookup_size = int(var["soma_joinid"].max()) + 1
+        self._var_lookup = np.full(lookup_size, -1, dtype=np.int64)  # var soma_joinid -> local column
+        self._var_lookup[self._var_ids] = np.arange(len(self._var_ids))
+        self._joinids = self.obs["soma_joinid"].to_numpy(dtype=np.int64)
+        n = min(VALIDATE_ROWS, self.n_cells)
+        from loaders.validate import check_raw_counts
+
+        check_raw_counts(self.read_counts(np.arange(n)), f"{where} X[{layer!r}]")
+
+    def _read_obs(self, obs_df, selection: CellSelection) -> pd.DataFrame:
+        names = set(obs_df.schema.names)
+        missing = [c for c in selection.obs_columns_needed if c not in names]
+        if missing:
+            raise DataError(
+                f"{self.where}: obs has no column(s) {missing}. Available columns: {sorted(names)[:40]}. "
+                "Pass an existing column as the label/batch key."
+            )
+        cols = ["soma_joinid", *[c for c in selection.obs_columns_needed if c != "soma_joinid"]]
+        try:
+            table = obs_df.read(column_names=cols, value_filter=selection.obs_value_filter).concat()
+        except Exception as exc:  # tiledbsoma raises SOMAError/ValueError/TileDBError for a bad filter
+            raise DataError(f"{self.where}: bad obs_value_filter {selection.obs_value_filter!r}: {exc}") from exc
+        obs = table.to_pandas()
+        if len(obs) == 0:
+            what = f"obs_value_filter {selection.obs_value_filter!r} matches" if selection.obs_value_filter else "obs has"
+            raise DataError(f"{self.where}: {what} no cell.")
+        obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
+        std = standardize_obs(obs, selection, self.where)
+        return std
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var)
+
+    def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        ids = self._joinids[rows]
+        if len(ids) == 0:
+            return sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+        coords = (pa.array(ids),) if self._all_genes else (pa.array(ids), pa.array(self._var_ids))
+        table = self._x.read(coords=coords).tables().concat()
+        dim0 = table.column("soma_dim_0").to_numpy()
+        dim1 = table.column("soma_dim_1").to_numpy()
+        data = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
+        if np.all(ids[1:] > ids[:-1]):  # the contract: sorted rows, and obs is in joinid order
+            r = np.searchsorted(ids, dim0)
+        else:
+            r = pd.Index(ids).get_indexer(dim0)
+        c = self._var_lookup[dim1]
+        return sp.csr_matrix((data, (r, c)), shape=(len(ids), self.n_genes))
+
+    def chunk_ids(self) -> np.ndarray:
+        return self._joinids // CHUNK_ROWS
+
+    def close(self) -> None:
+        for handle in self._owned:
+            handle.close()
+        self._owned = ()
+
+    def __reduce__(self):
+        if self.spec is None:
+            raise TypeError(f"{self.where}: a source built on an open Experiment cannot be pickled; use its spec.")
+        return (_open_spec, (self.spec,))
+
+
+def _open_spec(spec):
+    return spec.open()

@@ -1,0 +1,208 @@
+"""Ablation of the two loss choices the authors credit for rare types and batch mixing.
+
+(a) focal loss (gamma=3, balanced alpha) vs plain cross-entropy (`loss.classifier=ce`,
+    `loss.focal_alpha=none`): F1 of the rare cell types on a held-out query split;
+(b) the DANN adversary (default `loss.dann_w`) vs none (`loss.dann_w=0`): batch-mixing entropy of
+    the query split's latent (and type silhouette, to see what mixing costs).
+
+Honesty: one generated data set (fixed data seed), one stratified reference/query split, the same
+training seeds and the same config for every variant except the one key under test. The query
+split holds cells of every batch, so its latent can be scored for mixing; its labels are used only
+to score. "Rare" = types with < 1 % of the reference cells.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from scpermut_dist import metrics
+
+log = logging.getLogger(__name__)
+
+LABEL, BATCH = "cell_type", "batch"
+VARIANTS = {  # name -> config overrides on top of the shared base
+    "focal_dann": [],
+    "ce_dann": ["loss.classifier=ce", "loss.focal_alpha=none"],
+    "focal_no_dann": ["loss.dann_w=0"],
+}
+QUICK = {"n_cells": 3000, "n_genes": 300, "seeds": [0],
+         "overrides": ["train.max_epochs=2", "data.n_hvg=200", "model.hidden_sizes=[64,32]", "model.latent_dim=16"]}
+FULL = {"n_cells": 20000, "n_genes": 2000, "seeds": [0, 1, 2],
+        "overrides": ["data.n_hvg=1000", "train.max_epochs=30", "train.patience=8"]}
+
+
+def make_dataset(n_cells: int, n_genes: int, seed: int = 0) -> ad.AnnData:
+    """Imbalanced, batch-affected counts: `loaders.synth` when present, else a small built-in generator."""
+    try:
+        from loaders.synth import synthesize_anndata
+    except ImportError:
+        return _builtin_synth(n_cells, n_genes, seed)
+    return synthesize_anndata(n_cells, n_genes, seed=seed)
+
+
+def _builtin_synth(n_cells: int, n_genes: int, seed: int, n_batches: int = 4) -> ad.AnnData:
+    """8 common types (power law) + 4 rare sub-types (0.2-0.9 %) that differ from a parent in few genes."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    common = 1.0 / np.arange(1, 9) ** 1.2
+    rare_frac = np.array([0.002, 0.004, 0.006, 0.009])
+    freq = np.r_[common / common.sum() * (1 - rare_frac.sum()), rare_frac]
+    names = [f"type{i}" for i in range(8)] + [f"rare{i}" for i in range(4)]
+    base = rng.normal(-1.0, 1.5, n_genes)
+    lfc = np.where(rng.random((8, n_genes)) < 0.05, rng.normal(0, 1.5, (8, n_genes)), 0.0)
+    parent = rng.choice(8, 4)
+    rare_lfc = lfc[parent] + np.where(rng.random((4, n_genes)) < 0.01, rng.normal(0, 1.5, (4, n_genes)), 0.0)
+    type_mu = base + np.vstack([lfc, rare_lfc])
+    batch_lfc = rng.normal(0, 0.4, (n_batches, n_genes))
+    t = rng.choice(len(names), n_cells, p=freq)
+    b = rng.integers(0, n_batches, n_cells)
+    lib = rng.lognormal(np.log(3000), 0.4, n_cells) * np.exp(rng.normal(0, 0.3, n_batches))[b]
+    mu = np.exp(type_mu[t] + batch_lfc[b])
+    mu = mu / mu.sum(axis=1, keepdims=True) * lib[:, None]
+    counts = rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)  # NB with dispersion 0.2
+    obs = pd.DataFrame({LABEL: np.asarray(names)[t], BATCH: [f"batch{i}" for i in b]},
+                       index=[f"cell{i}" for i in range(n_cells)])
+    return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)]))
+
+
+def split_query(labels: np.ndarray, fraction: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Boolean query mask: `fraction` of each type (at least 1 cell, at most all but 1)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_q = min(max(1, round(fraction * len(idx))), len(idx) - 1)
+        mask[idx[:n_q]] = True
+    return mask
+
+
+def run_variant(ref: ad.AnnData, query: ad.AnnData, truth: np.ndarray, config, rare: list[str], quiet: bool) -> dict:
+    """Train one variant on the reference, map the query, score it."""
+    from scpermut_dist.api import fit
+
+    t0 = time.perf_counter()
+    model = fit(ref, label_key=LABEL, batch_key=BATCH, config=config, quiet=quiet)
+    res = model.map(query)
+    m = metrics.classification_metrics(truth, np.asarray(res.labels).astype(str))
+    lat = np.asarray(res.latent)
+    return {
+        "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "per_class_f1": m["per_class_f1"],
+        "rare_f1_mean": float(np.mean([m["per_class_f1"].get(c, 0.0) for c in rare])) if rare else float("nan"),
+        "query_batch_entropy": metrics.batch_mixing_entropy(lat, query.obs[BATCH].to_numpy()),
+        "query_silhouette_label": metrics.silhouette_by_label(lat, truth),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _stat(runs: list[dict], variant: str, key: str) -> dict:
+    vals = np.array([r[key] for r in runs if r["variant"] == variant], float)
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals.tolist()}
+
+
+def compare(runs: list[dict]) -> dict:
+    """The two comparisons, paired by seed."""
+    def paired(a: str, b: str, key: str) -> dict:
+        sa, sb = _stat(runs, a, key), _stat(runs, b, key)
+        d = np.array(sa["per_seed"]) - np.array(sb["per_seed"])
+        return {a: sa, b: sb, "delta_mean": float(d.mean()), "delta_per_seed": d.tolist(),
+                "n_seeds_a_better": int((d > 0).sum())}
+
+    return {
+        "focal_vs_ce_rare_f1": paired("focal_dann", "ce_dann", "rare_f1_mean"),
+        "focal_vs_ce_balanced_accuracy": paired("focal_dann", "ce_dann", "balanced_accuracy"),
+        "dann_vs_no_dann_batch_entropy": paired("focal_dann", "focal_no_dann", "query_batch_entropy"),
+        "dann_vs_no_dann_silhouette": paired("focal_dann", "focal_no_dann", "query_silhouette_label"),
+        "dann_vs_no_dann_balanced_accuracy": paired("focal_dann", "focal_no_dann", "balanced_accuracy"),
+    }
+
+
+def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] | None = None,
+                 n_cells: int | None = None, n_genes: int | None = None, overrides: list[str] | None = None,
+                 config_path: str | None = None, progress: bool = True) -> dict:
+    """Run every variant for every seed, write ablation.json atomically into `out_dir`, return the report."""
+    from tqdm.auto import tqdm
+
+    from scpermut_dist.config import RunConfig
+
+    preset = QUICK if quick else FULL
+    seeds = seeds if seeds is not None else preset["seeds"]
+    n_cells, n_genes = n_cells or preset["n_cells"], n_genes or preset["n_genes"]
+    base = list(preset["overrides"]) + list(overrides or [])
+    configs = {v: RunConfig.from_yaml(config_path, overrides=base + extra) for v, extra in VARIANTS.items()}
+
+    adata = make_dataset(n_cells, n_genes, seed=0)
+    labels = adata.obs[LABEL].astype(str).to_numpy()
+    is_q = split_query(labels, seed=0)
+    ref, query_full = adata[~is_q].copy(), adata[is_q].copy()
+    truth = query_full.obs[LABEL].astype(str).to_numpy()
+    query = query_full.copy()
+    query.obs = query.obs.drop(columns=[LABEL])
+    freq = metrics.reference_class_freq(ref.obs[LABEL].astype(str).to_numpy())
+    rare = sorted(c for c, f in freq.items() if f < 0.01)
+
+    runs = []
+    bar = tqdm(total=len(seeds) * len(VARIANTS), desc="ablation", disable=not progress)
+    for seed in seeds:
+        for variant, cfg in configs.items():
+            bar.set_postfix_str(f"seed {seed}: {variant}")
+            cfg_s = cfg.apply_overrides([f"train.seed={seed}"])
+            r = run_variant(ref, query, truth, cfg_s, rare, quiet=not progress)
+            runs.append({"variant": variant, "seed": seed, **r})
+            bar.update(1)
+    bar.close()
+    report = {
+        "dataset": {"generator": _generator_name(), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+                    "n_ref": int(ref.n_obs), "n_query": int(query.n_obs), "class_freq_ref": freq,
+                    "rare_types": rare, "query_cells_per_rare_type": {c: int((truth == c).sum()) for c in rare},
+                    "batches": sorted(map(str, adata.obs[BATCH].unique()))},
+        "variants": {v: base + extra for v, extra in VARIANTS.items()},
+        "seeds": seeds, "quick": quick, "runs": runs, "comparisons": compare(runs),
+    }
+    _write_json_atomic(Path(out_dir), "ablation.json", report)
+    return report
+
+
+def _generator_name() -> str:
+    try:
+        import loaders.synth  # noqa: F401
+        return "loaders.synth.synthesize_anndata"
+    except ImportError:
+        return "scpermut_dist.ablation._builtin_synth"
+
+
+def _write_json_atomic(out_dir: Path, name: str, obj: dict) -> None:
+    from scpermut_dist.evaluate import _jsonable
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+    os.replace(tmp, out_dir / name)
+
+
+def format_table(report: dict) -> str:
+    c = report["comparisons"]
+    lines = [f"rare types (< 1 % of reference): {report['dataset']['rare_types']} "
+             f"(query cells: {report['dataset']['query_cells_per_rare_type']}); seeds {report['seeds']}"]
+    rows = [("rare-type F1 (mean)", "focal_vs_ce_rare_f1", "focal", "CE"),
+            ("balanced accuracy", "focal_vs_ce_balanced_accuracy", "focal", "CE"),
+            ("query batch entropy", "dann_vs_no_dann_batch_entropy", "DANN", "no DANN"),
+            ("query silhouette (type)", "dann_vs_no_dann_silhouette", "DANN", "no DANN"),
+            ("balanced accuracy", "dann_vs_no_dann_balanced_accuracy", "DANN", "no DANN")]
+    lines.append(f"{'metric':<26}{'A':>9}{'value A':>18}{'B':>9}{'value B':>18}{'A-B':>9}")
+    for title, key, a, b in rows:
+        d = c[key]
+        va, vb = [v for k, v in d.items() if isinstance(v, dict)]
+        lines.append(f"{title:<26}{a:>9}{va['mean']:>11.4f} ±{va['std']:.3f}{b:>9}{vb['mean']:>11.4f} ±{vb['std']:.3f}"
+                     f"{d['delta_mean']:>+9.4f}")
+    return "\n".join(lines)
+
+
+__all__ = ["run_ablation", "make_dataset", "split_query", "compare", "format_table", "VARIANTS"]

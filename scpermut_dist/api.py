@@ -1,0 +1,199 @@
+"""Python API: `fit` a reference on an AnnData (or any `loaders` source), `map` queries, save and load it.
+
+An AnnData is just another source: training reads it through AnnDataSource -> SamplingPlan ->
+PairedCellDataset -> PairedBatch, the same path as an h5ad file or a SOMA atlas.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+import scpermut_dist
+from loaders.normalize import Normalization
+from scpermut_dist.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, save_checkpoint
+from scpermut_dist.config import RunConfig
+from scpermut_dist.losses import LossWeights
+from scpermut_dist.mapping import MappingResult, annotate, map_anndata
+from scpermut_dist.module import ScPermutModule
+from scpermut_dist.preprocess import PreparedReference, SourceFactory, prepare_reference
+from scpermut_dist.split import stratified_split
+from scpermut_dist.trainer import Trainer, ValidationSet, dist_info, validation_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reference:
+    """A trained model with everything needed to map a query (no training data, no Ray)."""
+
+    module: ScPermutModule
+    config: RunConfig
+    genes: pd.DataFrame
+    classes: list[str]
+    batches: list[str]
+    normalization: Normalization
+    training_data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    path: str | None = None
+
+    def map(self, adata: ad.AnnData, layer: str | None = None, where: str = "query") -> MappingResult:
+        return map_anndata(self.module, self.classes, self.genes, self.normalization, adata, layer, where)
+
+    def annotate(self, adata: ad.AnnData, result: MappingResult | None = None, layer: str | None = None) -> ad.AnnData:
+        """Map `adata` (unless `result` is given) and write the outputs into its obs/obsm/uns."""
+        result = result if result is not None else self.map(adata, layer)
+        return annotate(adata, result, self.model_info())
+
+    def model_info(self) -> dict:
+        return {"model": self.path or "", "format_version": FORMAT_VERSION, "version": scpermut_dist.__version__,
+                "label_key": self.training_data.get("label_key") or "", "n_classes": len(self.classes)}
+
+    def save(self, path: str | Path) -> Path:
+        out = save_checkpoint(self.to_checkpoint(), path)
+        self.path = str(out)
+        return out
+
+    def to_checkpoint(self) -> Checkpoint:
+        return Checkpoint(state_dict=self.module.state_dict(), config=self.config, genes=self.genes,
+                          classes=self.classes, batches=self.batches, normalization=self.normalization,
+                          dims=self.module.dims, training_data=self.training_data, metrics=self.metrics,
+                          summary=self.summary, history=self.history)
+
+
+def load_reference(path: str | Path) -> Reference:
+    ck = load_checkpoint(path)
+    module = ScPermutModule(**ck.dims)
+    module.load_state_dict(ck.state_dict)
+    module.eval()
+    return Reference(module, ck.config, ck.genes, list(ck.classes), list(ck.batches), ck.normalization,
+                     ck.training_data, ck.metrics, ck.summary, ck.history, path=str(path))
+
+
+def fit(adata: ad.AnnData, label_key: str, batch_key: str | list[str] | None = None, config: RunConfig | None = None,
+        unlabeled_value: str | list[str] | None = None, out_dir: str | Path | None = None, quiet: bool = True,
+        layer: str | None = None, report: Callable[[dict], None] | None = None) -> Reference:
+    """Train a reference on an in-memory AnnData holding raw counts (X or `layer`).
+
+    `batch_key` may be None (one batch: the adversary has nothing to remove), a column, "a+b" or a list
+    of columns combined into one batch id.
+    """
+    from loaders.sources import AnnDataSource
+
+    cfg = config_with_data_keys(config or RunConfig(), label_key, batch_key, unlabeled_value, layer)
+    return train_reference(lambda sel: AnnDataSource(adata, sel, cfg.data.layer, where="AnnData"), cfg,
+                           where="AnnData", out_dir=out_dir, quiet=quiet, report=report)
+
+
+def config_with_data_keys(cfg: RunConfig, label_key, batch_key, unlabeled_value, layer) -> RunConfig:
+    sets = [f"data.label_key={label_key}"] if label_key is not None else []
+    data = cfg.model_dump()
+    if batch_key is not None:
+        data["data"]["batch_keys"] = batch_key.split("+") if isinstance(batch_key, str) else list(batch_key)
+    if unlabeled_value is not None:
+        data["data"]["unlabeled_value"] = unlabeled_value
+    if layer is not None:
+        data["data"]["layer"] = layer
+    return RunConfig.validate_dict(data).apply_overrides(sets)
+
+
+def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir: str | Path | None = None,
+                    quiet: bool = True, report: Callable[[dict], None] | None = None) -> Reference:
+    """The one training entry point: prepare the reference, split, train the stages, (optionally) save."""
+    t_start = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
+    codes_qc = np.full_like(prep.label_codes, -1)
+    codes_qc[prep.cells] = prep.label_codes[prep.cells]
+    train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells, cfg.train.seed)
+    train_all = np.setdiff1d(prep.cells, val, assume_unique=True)
+    validation = _read_validation(prep, val)
+    torch.manual_seed(cfg.train.seed)
+    module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
+    trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, cfg, train_all, train_lab),
+                      LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=cfg.train.seed, validation=validation,
+                      focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device, quiet=quiet, report=report)
+    t_train = time.perf_counter()
+    history = trainer.fit()
+    train_s = time.perf_counter() - t_train
+    module.cpu().eval()
+    metrics = validation_metrics(module, validation) if len(validation) else {}
+    metrics["n_val_cells"] = int(len(val))
+    cells = sum(r["cells"] for r in history)
+    summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+               "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
+               "n_train_cells": int(len(train_all)), "n_train_labelled": int(len(train_lab)),
+               "stages": [s.name for s in trainer.stages], **metrics}
+    ref = Reference(module, cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,
+                    prep.batches, prep.normalization, prep.description, metrics, summary, history)
+    prep.source.close()
+    if out_dir is not None and dist_info()[0] == 0:
+        ref.save(out_dir)
+    return ref
+
+
+def _read_validation(prep: PreparedReference, val: np.ndarray) -> ValidationSet:
+    """The fixed validation sample, read and normalised once (bounded by data.val_max_cells)."""
+    if len(val) == 0:
+        return ValidationSet(torch.zeros(0, len(prep.genes)), torch.zeros(0, dtype=torch.long))
+    x = prep.normalization.apply_dense(prep.source.read_counts(val))
+    return ValidationSet(torch.from_numpy(x), torch.from_numpy(prep.label_codes[val]).long())
+
+
+class _StageData:
+    """A stage's PairedCellDataset plus the plan's sampled class frequencies (for the focal alpha)."""
+
+    def __init__(self, dataset, plan) -> None:
+        self.dataset, self.sampled_class_freq = dataset, plan.sampled_class_freq
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def _loader_factory(prep: PreparedReference, cfg: RunConfig, train_all: np.ndarray, train_lab: np.ndarray):
+    from loaders.dataset import PairedCellDataset
+    from loaders.sampling import SamplingPlan
+
+    chunks = prep.source.chunk_ids()
+
+    def make(stage, index: int) -> _StageData:
+        cells = train_all if stage.cells == "all" else train_lab
+        if len(cells) == 0:
+            from loaders.errors import DataError
+
+            raise DataError(f"stage {stage.name}: no {stage.cells} training cells")
+        plan = SamplingPlan(labels=prep.label_codes, batches=prep.batch_codes, chunks=chunks, cells=cells,
+                            balance=cfg.data.sampling.balance, permute=stage.permutation,
+                            seed=cfg.train.seed * 1000 + index, cells_per_epoch=stage.cells_per_epoch,
+                            n_classes=len(prep.classes))
+        ds = PairedCellDataset(prep.spec, plan, normalization=prep.normalization, batch_size=cfg.train.batch_size,
+                               io_batch_cells=cfg.data.sampling.io_batch_cells, prefetch=cfg.data.sampling.prefetch,
+                               drop_last=False)
+        return _StageData(ds, plan)
+
+    return make
+
+
+__all__ = ["MappingResult", "Reference", "fit", "load_reference", "train_reference"]

@@ -1,0 +1,189 @@
+"""Self-describing checkpoint folders, written atomically, loadable without Ray or the training data.
+
+Layout (FORMAT_VERSION 1):
+    manifest.json  format version, package versions, model dims, classes, batches, normalisation,
+                   training-data description, validation metrics, summary
+    weights.pt     torch state_dict of `ScPermutModule` (loaded with weights_only=True)
+    config.yaml    the resolved `RunConfig`
+    genes.tsv      the model's input genes in order: feature_id, feature_name
+    history.json   per-epoch training history
+A save writes a temporary sibling folder, fsyncs it, then swaps it in with one rename (an atomic
+exchange on Linux), so a crash mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from loaders.normalize import Normalization
+from scpermut_dist.cli import UsageError
+from scpermut_dist.config import RunConfig
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_PACKAGES = ("scpermut-dist", "torch", "numpy", "anndata", "scanpy", "pydantic")
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to rebuild the model and map a query."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: RunConfig
+    genes: pd.DataFrame  # feature_id, feature_name (model input order)
+    classes: list[str]
+    batches: list[str]
+    normalization: Normalization
+    dims: dict  # ScPermutModule constructor arguments
+    training_data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)  # filled on load
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write `ckpt` to folder `path` atomically (replacing an older checkpoint there)."""
+    dst = Path(path).absolute()
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / MANIFEST).exists())):
+        raise UsageError(f"{dst} exists and is not a scpermut checkpoint folder; choose another --out path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _write_files(ckpt, tmp)
+        _fsync_dir(tmp)
+        _swap_in(tmp, dst)
+    finally:
+        if tmp.exists():  # a failed write, or the previous checkpoint after a swap
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def _write_files(ckpt: Checkpoint, d: Path) -> None:
+    manifest = {
+        "format": "scpermut-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "dims": ckpt.dims,
+        "n_genes": len(ckpt.genes),
+        "classes": list(ckpt.classes),
+        "batches": list(ckpt.batches),
+        "normalization": ckpt.normalization.to_dict(),
+        "training_data": ckpt.training_data,
+        "metrics": ckpt.metrics,
+        "summary": ckpt.summary,
+    }
+    with open(d / "weights.pt", "wb") as f:
+        torch.save({k: v.detach().cpu() for k, v in ckpt.state_dict.items()}, f)
+        _sync(f)
+    _write_text(d / "config.yaml", ckpt.config.to_yaml())
+    _write_text(d / "genes.tsv", ckpt.genes[["feature_id", "feature_name"]].to_csv(sep="\t", index=False))
+    _write_text(d / "history.json", json.dumps(ckpt.history, indent=1, default=_json_default))
+    _write_text(d / MANIFEST, json.dumps(manifest, indent=1, default=_json_default))  # last: marks completeness
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder; raises UsageError when it is missing, incomplete or from a newer format."""
+    d = Path(path)
+    if not (d / MANIFEST).is_file():
+        raise UsageError(f"{d} is not a scpermut checkpoint (no {MANIFEST}); pass the folder written by `scpermut train`")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise UsageError(f"{d}: checkpoint format {manifest['format_version']} is newer than this package "
+                             f"supports ({FORMAT_VERSION}); upgrade scpermut-dist")
+        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+        config = RunConfig.from_yaml(d / "config.yaml")
+        genes = pd.read_csv(d / "genes.tsv", sep="\t", dtype=str, keep_default_na=False)
+        history = json.loads((d / "history.json").read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{d}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    return Checkpoint(state_dict=state, config=config, genes=genes, classes=manifest["classes"],
+                      batches=manifest["batches"], normalization=Normalization.from_dict(manifest["normalization"]),
+                      dims=manifest["dims"], training_data=manifest.get("training_data", {}),
+                      metrics=manifest.get("metrics", {}), summary=manifest.get("summary", {}), history=history,
+                      manifest=manifest)
+
+
+def _write_text(p: Path, text: str) -> None:
+    with open(p, "w") as f:
+        f.write(text)
+        _sync(f)
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Put `tmp` at `dst`; afterwards `tmp` holds the old checkpoint (if any) for the caller to delete."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    if _rename_exchange(tmp, dst):
+        return
+    # No atomic exchange (non-Linux or unsupported fs): two renames; a crash between them leaves the
+    # old checkpoint under a `.old-` sibling rather than losing it.
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    os.rename(old, tmp)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths with Linux renameat2(RENAME_EXCHANGE); False if unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    return rc == 0
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

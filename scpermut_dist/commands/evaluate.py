@@ -1,0 +1,104 @@
+"""`scpermut evaluate`: leave-one-batch-out label transfer of scPermut against two baselines."""
+from __future__ import annotations
+
+import argparse
+
+METHOD_NAMES = ("scpermut", "logreg_celltypist", "knn_pca")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="leave-one-batch-out benchmark of scPermut vs baselines on an h5ad",
+        description="For each batch: train on the other batches, map the held-out batch, score against its labels. "
+                    "Writes OUT/metrics.json, OUT/predictions.csv and PNG plots.")
+    p.add_argument("--h5ad", required=True, help="AnnData file with raw counts in X (or --layer)")
+    p.add_argument("--label-key", required=True, help="obs column with the cell types")
+    p.add_argument("--batch-key", required=True, help="obs column whose values define the folds")
+    p.add_argument("--out", required=True, help="report folder (replaced atomically when complete)")
+    p.add_argument("--config", help="scPermut run config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set train.max_epochs=5 (repeatable)")
+    p.add_argument("--obs-filter", help="pandas query selecting cells, e.g. \"demuxlet_cls == 'SNG'\"")
+    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+                   help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)")
+    p.add_argument("--no-umap", action="store_true", help="skip the latent UMAP plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    p.set_defaults(func=run)
+
+
+def load_filtered(path: str, obs_filter: str | None, layer: str | None = None):
+    """Read the h5ad into memory and keep the cells matching the filter, with clear errors."""
+    from pathlib import Path
+
+    import anndata as ad
+
+    from loaders.errors import DataError
+    from loaders.validate import check_raw_counts
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file. Pass an existing .h5ad with --h5ad.")
+    try:
+        adata = ad.read_h5ad(p)
+    except Exception as exc:  # h5py/anndata raise many types for a broken file
+        raise DataError(f"{p}: cannot be read as h5ad ({exc}).") from exc
+    if layer:
+        if layer not in adata.layers:
+            raise DataError(f"{p}: no layer {layer!r}; layers: {list(adata.layers)}.")
+        adata.X = adata.layers[layer]
+    if obs_filter:
+        try:
+            keep = adata.obs.eval(obs_filter)
+            keep = keep.to_numpy(dtype=bool)
+        except Exception as exc:  # pandas raises many types for a bad expression
+            raise DataError(f"{p}: bad --obs-filter {obs_filter!r}: {exc}. Use pandas query syntax over obs "
+                            f"columns {sorted(map(str, adata.obs.columns))}.") from exc
+        if not keep.any():
+            raise DataError(f"{p}: --obs-filter {obs_filter!r} matches no cell.")
+        adata = adata[keep].copy()
+    check_raw_counts(adata.X, str(p))
+    adata.obs_names_make_unique()
+    adata.var_names_make_unique()
+    return adata
+
+
+def check_out_dir(out: str) -> None:
+    """Refuse to replace a folder that is not a previous report (protects e.g. `--out .`)."""
+    from pathlib import Path
+
+    from scpermut_dist.cli import UsageError
+
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "metrics.json").exists())):
+        raise UsageError(f"--out {p} exists and is not an earlier report folder; choose a new or empty folder.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scpermut_dist import evaluate
+    from scpermut_dist.cli import UsageError
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHOD_NAMES]
+    if unknown or not names:
+        raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHOD_NAMES)}")
+    check_out_dir(args.out)
+    methods = {}
+    cfg = None
+    if "scpermut" in names:
+        from scpermut_dist.config import RunConfig
+
+        cfg = RunConfig.from_yaml(args.config, overrides=args.overrides)
+        methods["scpermut"] = evaluate.scpermut_method(cfg)
+    elif args.config or args.overrides:
+        raise UsageError("--config/--set configure scPermut, which --methods leaves out")
+    base = evaluate.baseline_methods()
+    methods.update({n: base[n] for n in names if n in base})
+    adata = load_filtered(args.h5ad, args.obs_filter, args.layer)
+    meta = {"h5ad": str(args.h5ad), "obs_filter": args.obs_filter, "layer": args.layer,
+            "config": cfg.model_dump(mode="json") if cfg is not None else None, "overrides": args.overrides}
+    report = evaluate.run_lobo(adata, args.label_key, args.batch_key, args.out, methods=methods,
+                               plots_umap=not args.no_umap, progress=not args.quiet, meta=meta)
+    print(evaluate.format_table(report))
+    print(f"report written to {args.out}")
+    return 0

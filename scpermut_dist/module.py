@@ -1,0 +1,148 @@
+"""The scPermut network: encoder, decoder, cell-type classifier and adversarial batch (DANN) head.
+
+Plain `nn.Module`s with no data loading or Ray, so the same object trains on one CPU, under DDP, and
+maps queries from a checkpoint. Differences from the original TensorFlow code (intended behaviour):
+the 84-d bottleneck is linear (Linear + BatchNorm, no ReLU/dropout), and the decoder has no size factor.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+MODULE_NAMES = ("encoder", "decoder", "classifier", "dann")
+
+
+def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(), nn.Dropout(dropout))
+
+
+class Encoder(nn.Module):
+    """G -> hidden blocks -> linear BatchNorm'd latent."""
+
+    def __init__(self, n_genes: int, hidden: Sequence[int], latent_dim: int, dropout: float) -> None:
+        super().__init__()
+        sizes = [n_genes, *hidden]
+        self.hidden = nn.Sequential(*[_block(a, b, dropout) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.bottleneck = nn.Sequential(nn.Linear(sizes[-1], latent_dim), nn.BatchNorm1d(latent_dim))
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(self.hidden(x_ng))
+
+
+class Decoder(nn.Module):
+    """latent -> reversed hidden blocks -> G, with a ReLU output (targets are non-negative log1p values)."""
+
+    def __init__(self, n_genes: int, hidden: Sequence[int], latent_dim: int, dropout: float) -> None:
+        super().__init__()
+        sizes = [latent_dim, *reversed(list(hidden))]
+        self.hidden = nn.Sequential(*[_block(a, b, dropout) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.out = nn.Sequential(nn.Linear(sizes[-1], n_genes), nn.ReLU())
+
+    def forward(self, z_nl: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(z_nl))
+
+
+class Head(nn.Module):
+    """latent -> one hidden block -> logits (softmax is applied by the loss or at prediction time)."""
+
+    def __init__(self, latent_dim: int, hidden: int, n_out: int, dropout: float) -> None:
+        super().__init__()
+        self.hidden = _block(latent_dim, hidden, dropout)
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, z_nl: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(z_nl))
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.lam * grad, None
+
+
+class GradientReversal(nn.Module):
+    """Identity forward, gradient x (-lambda) backward: the encoder learns to fool the batch classifier."""
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__()
+        self.lam = float(lam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReverseGrad.apply(x, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"
+
+
+class DannHead(nn.Module):
+    def __init__(self, latent_dim: int, hidden: int, n_batches: int, dropout: float, lam: float) -> None:
+        super().__init__()
+        self.grl = GradientReversal(lam)
+        self.head = Head(latent_dim, hidden, n_batches, dropout)
+
+    def forward(self, z_nl: torch.Tensor) -> torch.Tensor:
+        return self.head(self.grl(z_nl))
+
+
+class ModuleOutput(NamedTuple):
+    latent: torch.Tensor
+    reconstruction: torch.Tensor | None
+    class_logits: torch.Tensor | None
+    batch_logits: torch.Tensor | None
+
+
+class ScPermutModule(nn.Module):
+    """The whole model; `forward` runs only the heads asked for (a stage's unused heads stay out of the graph)."""
+
+    def __init__(self, n_genes: int, n_classes: int, n_batches: int, hidden_sizes: Sequence[int] = (1151, 235),
+                 latent_dim: int = 84, dropout: float = 0.27, classifier_hidden: int = 64, dann_hidden: int = 64,
+                 grl_lambda: float = 1.0) -> None:
+        super().__init__()
+        self.dims = dict(n_genes=n_genes, n_classes=n_classes, n_batches=n_batches, hidden_sizes=list(hidden_sizes),
+                         latent_dim=latent_dim, dropout=dropout, classifier_hidden=classifier_hidden,
+                         dann_hidden=dann_hidden, grl_lambda=grl_lambda)
+        self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout)
+        self.decoder = Decoder(n_genes, hidden_sizes, latent_dim, dropout)
+        self.classifier = Head(latent_dim, classifier_hidden, n_classes, dropout)
+        self.dann = DannHead(latent_dim, dann_hidden, max(n_batches, 1), dropout, grl_lambda)
+
+    @classmethod
+    def from_config(cls, model_cfg, n_genes: int, n_classes: int, n_batches: int) -> "ScPermutModule":
+        return cls(n_genes, n_classes, n_batches, model_cfg.hidden_sizes, model_cfg.latent_dim, model_cfg.dropout,
+                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda)
+
+    def forward(self, x_ng: torch.Tensor, heads: Sequence[str] = ("decoder", "classifier", "dann")) -> ModuleOutput:
+        z = self.encoder(x_ng)
+        return ModuleOutput(
+            latent=z,
+            reconstruction=self.decoder(z) if "decoder" in heads else None,
+            class_logits=self.classifier(z) if "classifier" in heads else None,
+            batch_logits=self.dann(z) if "dann" in heads else None,
+        )
+
+    def set_trainable(self, trains: Sequence[str]) -> list[nn.Parameter]:
+        """Freeze every module not in `trains` (requires_grad off AND eval mode, so BN stats do not drift)."""
+        params: list[nn.Parameter] = []
+        for name in MODULE_NAMES:
+            module: nn.Module = getattr(self, name)
+            on = name in trains
+            module.train(on)
+            for p in module.parameters():
+                p.requires_grad_(on)
+                if on:
+                    params.append(p)
+        return params
+
+    @torch.no_grad()
+    def predict(self, x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent, class probabilities) in eval mode; the caller restores the mode if needed."""
+        self.eval()
+        z = self.encoder(x_ng)
+        return z, torch.softmax(self.classifier(z), dim=1)

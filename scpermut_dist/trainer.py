@@ -1,0 +1,243 @@
+"""One training loop for one process and for N DDP ranks: stages, fresh optimisers, early stopping.
+
+The loop consumes, per stage, an iterable of `PairedBatch` (built by a `make_loader` callback from the
+`loaders` data path) so it knows nothing about sources. Under DDP (torch.distributed initialised,
+e.g. by Ray Train) the module is wrapped per stage, because each stage trains a different parameter set.
+Its resumable state (stage, epoch, weights, optimiser, loader) is exposed by `state_dict()`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from loaders.batch import PairedBatch
+from scpermut_dist.losses import LossWeights, balanced_alpha, total_loss
+from scpermut_dist.module import ScPermutModule
+from scpermut_dist.schedule import Stage
+
+log = logging.getLogger(__name__)
+
+
+class StageLoader(Protocol):
+    """What a stage iterates: PairedBatches, re-drawn by `set_epoch`, with the class freqs as sampled."""
+
+    sampled_class_freq: np.ndarray | None
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterable[PairedBatch]: ...
+
+
+@dataclass
+class ValidationSet:
+    """A fixed held-out sample of labelled cells, normalised once and kept in memory."""
+
+    x_ng: torch.Tensor
+    label_n: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.label_n.shape[0])
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_proba(module: ScPermutModule, x_ng: torch.Tensor, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(latent, probabilities) with encoder and classifier in eval mode, in bounded-size chunks."""
+    modes = {m: getattr(module, m).training for m in ("encoder", "classifier")}
+    module.encoder.eval(), module.classifier.eval()
+    device = next(module.parameters()).device
+    zs, ps = [], []
+    try:
+        for start in range(0, x_ng.shape[0], chunk):
+            z = module.encoder(x_ng[start:start + chunk].to(device))
+            zs.append(z.cpu()), ps.append(torch.softmax(module.classifier(z), dim=1).cpu())
+    finally:
+        for m, on in modes.items():
+            getattr(module, m).train(on)
+    return torch.cat(zs).numpy(), torch.cat(ps).numpy()
+
+
+def validation_metrics(module: ScPermutModule, val: ValidationSet) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    _, proba = predict_proba(module, val.x_ng)
+    y, pred = val.label_n.numpy(), proba.argmax(axis=1)
+    return {"val_balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "val_accuracy": float(accuracy_score(y, pred))}
+
+
+class Trainer:
+    """Runs `stages` in order on `module`; `make_loader(stage, stage_index)` gives each stage's batches."""
+
+    def __init__(self, module: ScPermutModule, stages: list[Stage], make_loader: Callable[[Stage, int], Any],
+                 weights: LossWeights, lr: float = 9.9e-4, seed: int = 0, validation: ValidationSet | None = None,
+                 focal_alpha: str = "balanced", device: str | torch.device = "cpu", quiet: bool = True,
+                 report: Callable[[dict], None] | None = None) -> None:
+        self.module, self.make_loader, self.weights = module, make_loader, weights
+        self.lr, self.seed, self.validation, self.focal_alpha = lr, seed, validation, focal_alpha
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.quiet, self.report = quiet, report
+        self.rank, self.world_size = dist_info()
+        single_batch = module.dims["n_batches"] < 2
+        self.stages = [s for s in ((x.without_dann() if single_batch else x) for x in stages) if s is not None]
+        self.history: list[dict] = []
+        self._pos = {"stage_index": 0, "epoch": 0, "cells_seen": 0}
+        self._stage_state: dict = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._loader: Any = None
+        self._best_state: dict | None = None
+        self._resume: dict | None = None
+        self.module.to(self.device)
+
+    # ----- resumable state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume at the current epoch boundary (tensors are live references)."""
+        return {"position": dict(self._pos), "model": self.module.state_dict(),
+                "optimizer": self._optimizer.state_dict() if self._optimizer else None,
+                "loader": self._loader.state_dict() if hasattr(self._loader, "state_dict") else None,
+                "stage_state": dict(self._stage_state), "best_state": self._best_state, "history": list(self.history),
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pos = dict(state["position"])
+        self.module.load_state_dict(state["model"])
+        self._stage_state = dict(state.get("stage_state") or {})
+        self.history = list(state.get("history") or [])
+        self._resume = state
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
+
+    # ----- training --------------------------------------------------------------------------------------
+    def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> list[dict]:
+        resume = self._resume
+        for index in range(self._pos["stage_index"], len(self.stages)):
+            stage = self.stages[index]
+            resuming = resume is not None and index == self._pos["stage_index"] and self._pos["epoch"] > 0
+            if not resuming:
+                self._pos.update(stage_index=index, epoch=0, cells_seen=0)
+                self._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0}
+                self._best_state = None
+                torch.manual_seed(self.seed * 1000 + index)
+            self._run_stage(stage, resume if resuming else None, on_epoch_end)
+            resume = self._resume = None
+        self._pos.update(stage_index=len(self.stages), epoch=0)
+        return self.history
+
+    def _run_stage(self, stage: Stage, resume: dict | None, on_epoch_end) -> None:
+        params = self.module.set_trainable(stage.trains)
+        net: nn.Module = self.module
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._optimizer = torch.optim.Adam(params, lr=self.lr)  # fresh per stage, trainable params only
+        self._loader = self.make_loader(stage, self._pos["stage_index"])
+        if resume is not None:
+            self._optimizer.load_state_dict(resume["optimizer"])
+            if resume.get("loader") is not None and hasattr(self._loader, "load_state_dict"):
+                self._loader.load_state_dict(resume["loader"])
+            self._best_state = resume.get("best_state")
+        alpha = None
+        freq = getattr(self._loader, "sampled_class_freq", None)
+        if "clas" in stage.losses and self.weights.classifier == "focal" and self.focal_alpha == "balanced" \
+                and freq is not None:
+            alpha = balanced_alpha(freq).to(self.device)
+        validate = "clas" in stage.losses and self.validation is not None and len(self.validation) > 0
+        if stage.early_stopping and not validate:
+            log.warning("stage %s: no labelled validation cells, early stopping is off", stage.name)
+        for epoch in range(self._pos["epoch"], stage.epochs):
+            record = self._run_epoch(net, stage, epoch, alpha)
+            self._pos["cells_seen"] += record["cells"]
+            if validate:
+                record.update(validation_metrics(self.module, self.validation))
+                self._early_stopping_update(stage, epoch, record["val_balanced_accuracy"])
+            self._pos["epoch"] = epoch + 1
+            self.history.append(record)
+            self._emit(record)
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+            st = self._stage_state
+            if stage.early_stopping and validate and st["bad_epochs"] >= stage.early_stopping:
+                log.info("stage %s: early stop after epoch %d (best %d)", stage.name, epoch + 1, st["best_epoch"] + 1)
+                break
+            if stage.max_cells_seen is not None and self._pos["cells_seen"] >= stage.max_cells_seen:
+                break
+        if self._best_state is not None:
+            self.module.load_state_dict(self._best_state)  # restore best weights of this stage
+            self._best_state = None
+        self.module.set_trainable([])  # leave everything in eval mode between stages
+
+    def _early_stopping_update(self, stage: Stage, epoch: int, metric: float) -> None:
+        st = self._stage_state
+        if st["best_metric"] is None or metric > st["best_metric"]:
+            st.update(best_metric=metric, best_epoch=epoch, bad_epochs=0)
+            if stage.early_stopping:
+                self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.module.state_dict().items()})
+        else:
+            st["bad_epochs"] += 1
+
+    def _run_epoch(self, net: nn.Module, stage: Stage, epoch: int, alpha: torch.Tensor | None) -> dict:
+        self._loader.set_epoch(epoch)
+        batches: Iterable[PairedBatch] = self._loader
+        if not self.quiet and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            total = len(self._loader) if hasattr(self._loader, "__len__") else None
+            batches = tqdm(batches, total=total, leave=False, unit="batch",
+                           desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
+        sums: dict[str, torch.Tensor] = {}
+        n_cells, n_steps, t0 = 0, 0, time.perf_counter()
+        for batch in batches:
+            if len(batch) < 2:  # BatchNorm cannot train on one cell
+                continue
+            batch = batch.to(self.device, non_blocking=True)
+            out = net(batch.x_ng, heads=stage.used_modules[1:])
+            loss, parts = total_loss(out, batch.x_partner_ng, batch.label_n, batch.batch_n, stage.losses,
+                                     self.weights, alpha)
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_cells += len(batch)
+            n_steps += 1
+        elapsed = time.perf_counter() - t0
+        cells = n_cells * self.world_size  # every rank runs the same number of steps
+        record = {"stage": stage.name, "epoch": epoch + 1, "steps": n_steps, "cells": cells,
+                  "seconds": round(elapsed, 4), "cells_per_s": cells / elapsed if elapsed > 0 else float("nan")}
+        record.update({f"loss_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
+        return record
+
+    def _emit(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        if self.report is not None:
+            self.report(record)
+        else:
+            log.info(format_record(record))
+
+
+def format_record(r: dict) -> str:
+    losses = " ".join(f"{k[5:]}={v:.4g}" for k, v in r.items() if k.startswith("loss_"))
+    val = "".join(f" {k}={r[k]:.4f}" for k in ("val_balanced_accuracy", "val_accuracy") if k in r)
+    return f"{r['stage']} epoch {r['epoch']}: {r['cells_per_s']:.0f} cells/s {losses}{val}"

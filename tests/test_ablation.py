@@ -1,0 +1,65 @@
+"""The focal/DANN ablation: its data, its split, its pairing, and a --quick run end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scpermut_dist import ablation
+from scpermut_dist.cli import main
+
+
+def test_generated_data_is_imbalanced_with_batches_and_rare_types():
+    a = ablation.make_dataset(4000, 100, seed=0)
+    freq = a.obs[ablation.LABEL].value_counts(normalize=True)
+    assert freq.max() > 0.1
+    assert ((freq >= 0.001) & (freq < 0.01)).sum() >= 2  # several rare (0.1-1 %) types
+    assert a.obs[ablation.BATCH].nunique() >= 2
+    x = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+    assert np.all(x >= 0) and np.allclose(x, np.round(x))  # raw counts
+
+
+def test_query_split_is_stratified_and_keeps_every_type_in_the_reference():
+    labels = np.array(["a"] * 100 + ["b"] * 8 + ["c"] * 2)
+    q = ablation.split_query(labels, fraction=0.25, seed=0)
+    assert q[:100].sum() == 25 and q[100:108].sum() == 2 and q[108:].sum() == 1
+    assert np.array_equal(q, ablation.split_query(labels, fraction=0.25, seed=0))
+    for c in "abc":
+        assert (~q & (labels == c)).any()
+
+
+def test_comparisons_are_paired_by_seed():
+    runs = []
+    for seed, (f, ce, e_d, e_nd) in enumerate([(0.8, 0.6, 0.9, 0.5), (0.7, 0.75, 0.8, 0.6)]):
+        base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "seed": seed}
+        runs += [{"variant": "focal_dann", "rare_f1_mean": f, "query_batch_entropy": e_d, **base},
+                 {"variant": "ce_dann", "rare_f1_mean": ce, "query_batch_entropy": e_d, **base},
+                 {"variant": "focal_no_dann", "rare_f1_mean": f, "query_batch_entropy": e_nd, **base}]
+    c = ablation.compare(runs)
+    assert c["focal_vs_ce_rare_f1"]["delta_per_seed"] == pytest.approx([0.2, -0.05])
+    assert c["focal_vs_ce_rare_f1"]["n_seeds_a_better"] == 1
+    assert c["dann_vs_no_dann_batch_entropy"]["delta_mean"] == pytest.approx(0.3)
+    assert "query batch entropy" in ablation.format_table({"comparisons": c, "seeds": [0, 1], "dataset": {
+        "rare_types": ["r"], "query_cells_per_rare_type": {"r": 3}}})
+
+
+def test_quick_ablation_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500"]) == 0
+    report = json.loads((out / "ablation.json").read_text())
+    assert set(report) >= {"dataset", "variants", "seeds", "runs", "comparisons"}
+    assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
+    for r in report["runs"]:
+        assert {"balanced_accuracy", "macro_f1", "per_class_f1", "rare_f1_mean", "query_batch_entropy",
+                "query_silhouette_label", "seconds"} <= set(r)
+    assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
+    assert report["dataset"]["rare_types"]
+    assert "loss.dann_w=0" in report["variants"]["focal_no_dann"]
+    assert "rare-type F1" in capsys.readouterr().out
+
+
+def test_ablation_rejects_overriding_the_keys_under_test(tmp_path, capsys):
+    assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--set", "loss.dann_w=0.5"]) == 2
+    assert "ablation varies" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

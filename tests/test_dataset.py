@@ -1,0 +1,186 @@
+"""PairedCellDataset: values, one sorted read per IO pool, caching, exact resume, specs, SOMA stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loaders.dataset import PairedCellDataset
+from loaders.errors import DataError
+from loaders.normalize import Normalization
+from loaders.sampling import SamplingPlan, encode_obs
+from loaders.sources import AnnDataSource, H5adSpec, SomaExperimentSpec
+from streaming_data import SELECTION, grouped_adata, source_and_plan
+
+
+class CountingSource(AnnDataSource):
+    """A real in-memory source that records every read (to check IO behaviour)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.reads: list[np.ndarray] = []
+
+    def read_counts(self, rows):
+        self.reads.append(np.asarray(rows).copy())
+        return super().read_counts(rows)
+
+
+def counting(n=3000, **plan_kw):
+    src = CountingSource(grouped_adata(n=n), SELECTION)
+    return src, SamplingPlan.from_source(src, **plan_kw)
+
+
+def stream(ds):
+    return [b for b in ds]
+
+
+def test_batches_hold_normalised_anchor_and_partner_rows():
+    src, plan = source_and_plan(balance=0.5, seed=1)
+    norm = Normalization(target_sum=1e4, log1p=True)
+    ds = PairedCellDataset(src, plan, normalization=norm, batch_size=64, io_batch_cells=1024)
+    batches = stream(ds)
+    assert len(batches) == len(ds) > 0
+    labels, bcodes, _, _ = encode_obs(src.obs)
+    for b in batches[:5]:
+        a = b.cell_n.numpy()
+        assert b.x_ng.dtype == torch.float32 and b.x_ng.shape == (64, src.n_genes)
+        assert b.label_n.dtype == torch.int64 and b.batch_n.dtype == torch.int64
+        np.testing.assert_array_equal(b.label_n.numpy(), labels[a])
+        np.testing.assert_array_equal(b.batch_n.numpy(), bcodes[a])
+        for i in (0, 17, 63):
+            want = norm.apply_dense(src.read_counts(np.array([a[i]])))[0]
+            np.testing.assert_allclose(b.x_ng[i].numpy(), want, rtol=1e-6)
+        # each partner row is the normalised expression of a same-type cell
+        for i in range(64):
+            row = b.x_partner_ng[i].numpy()
+            if labels[a[i]] < 0:
+                np.testing.assert_array_equal(row, b.x_ng[i].numpy())
+
+
+def test_one_sorted_deduplicated_read_per_io_pool():
+    src, plan = counting(n=3000, seed=0)
+    ds = PairedCellDataset(src, plan, batch_size=50, io_batch_cells=700)
+    seen = stream(ds)
+    n_pools = len(plan.layout(0, 50, 700).rank_tasks(0))
+    assert len(src.reads) == n_pools >= 4
+    for rows in src.reads:
+        assert np.all(np.diff(rows) > 0)  # sorted, unique
+    read_rows = np.concatenate(src.reads)
+    for b in seen:  # anchors and partners came from those reads
+        assert np.isin(b.cell_n.numpy(), read_rows).all()
+
+
+def test_tiny_selection_is_read_once_and_cached_across_epochs():
+    src, plan = counting(n=1000, seed=0, balance=1.0)
+    ds = PairedCellDataset(src, plan, batch_size=430, io_batch_cells=65536)
+    assert len(ds) == 2
+    epochs = [torch.cat([b.cell_n for b in ds]) for _ in range(3)]
+    assert len(src.reads) == 1 and len(src.reads[0]) == 1000
+    assert not torch.equal(epochs[0], epochs[1])  # new order each epoch (auto-advanced)
+    assert ds.state_dict()["epoch"] == 3
+
+
+def test_same_seed_same_stream_and_set_epoch():
+    src, plan = source_and_plan(seed=5)
+    s1 = [b.cell_n for b in PairedCellDataset(src, plan, batch_size=100, io_batch_cells=1024)]
+    s2 = [b.cell_n for b in PairedCellDataset(src, plan, batch_size=100, io_batch_cells=1024)]
+    assert all(torch.equal(x, y) for x, y in zip(s1, s2)) and len(s1) == len(s2)
+    ds = PairedCellDataset(src, plan, batch_size=100, io_batch_cells=1024)
+    ds.set_epoch(1)
+    s3 = [b.cell_n for b in ds]
+    assert not torch.equal(torch.cat(s1), torch.cat(s3))
+    assert torch.equal(torch.sort(torch.cat(s1)).values.unique(), torch.sort(torch.cat(s1)).values)
+
+
+@pytest.mark.parametrize("io", [700, 65536])  # several pools (partial pool re-read) / cached tiny data
+def test_exact_mid_epoch_resume_is_bitwise_tail_and_skips_consumed_pools(io):
+    src, plan = counting(n=3000, seed=2, balance=0.3)
+    full_ds = PairedCellDataset(src, plan, batch_size=50, io_batch_cells=io)
+    full_ds.set_epoch(4)
+    full = stream(full_ds)
+    src2, plan2 = counting(n=3000, seed=2, balance=0.3)
+    ds = PairedCellDataset(src2, plan2, batch_size=50, io_batch_cells=io)
+    ds.set_epoch(4)
+    it = iter(ds)
+    k = len(full) * 2 // 3 + 1
+    for _ in range(k):
+        next(it)
+    state = ds.state_dict()
+    it.close()
+    assert state["epoch"] == 4 and state["step"] == k
+    src3, plan3 = counting(n=3000, seed=2, balance=0.3)
+    resumed_ds = PairedCellDataset(src3, plan3, batch_size=50, io_batch_cells=io)
+    resumed_ds.load_state_dict(state)
+    tail = stream(resumed_ds)
+    assert len(tail) == len(full) - k
+    for x, y in zip(tail, full[k:]):
+        for f in ("x_ng", "x_partner_ng", "label_n", "batch_n", "cell_n"):
+            assert torch.equal(getattr(x, f), getattr(y, f))
+    if io == 700:  # consumed pools were not read; the pool in progress read only what remained
+        assert sum(len(r) for r in src3.reads) < 0.6 * sum(len(r) for r in src.reads)
+    assert resumed_ds.state_dict() == {**state, "epoch": 5, "step": 0}
+
+
+def test_h5ad_spec_opens_lazily_and_pickles(tmp_path):
+    import pickle
+
+    path = tmp_path / "ref.h5ad"
+    grouped_adata(n=800).write_h5ad(path)
+    spec = H5adSpec(str(path), SELECTION)
+    src = spec.open()
+    plan = SamplingPlan.from_source(src, seed=0)
+    ds = PairedCellDataset(spec, plan, batch_size=100, io_batch_cells=4096)
+    clone = pickle.loads(pickle.dumps(ds))
+    a = torch.cat([b.cell_n for b in ds])
+    b = torch.cat([b.cell_n for b in clone])
+    assert torch.equal(a, b) and len(a) == 800
+
+
+def soma_store(tmp_path, n=2500):
+    import tiledbsoma.io
+
+    adata = grouped_adata(n=n)
+    adata.var["feature_id"] = adata.var_names
+    adata.var["feature_name"] = [f"G{i}" for i in range(adata.n_vars)]
+    uri = str(tmp_path / "exp")
+    tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA", X_layer_name="raw")
+    return uri, adata
+
+
+def test_streams_a_real_soma_experiment(tmp_path):
+    uri, adata = soma_store(tmp_path)
+    spec = SomaExperimentSpec(uri, SELECTION)
+    src = spec.open()
+    plan = SamplingPlan.from_source(src, seed=0, balance=0.5)
+    ds = PairedCellDataset(spec, plan, batch_size=100, io_batch_cells=1024)
+    mem = AnnDataSource(adata, SELECTION)
+    norm = Normalization()
+    got = stream(ds)
+    assert len(got) == len(ds) > 0
+    b = got[3]
+    rows = b.cell_n.numpy()
+    want = norm.apply_dense(mem.read_counts(np.sort(rows)))[np.argsort(np.argsort(rows))]
+    np.testing.assert_allclose(b.x_ng.numpy(), want, rtol=1e-6)
+    labels = encode_obs(src.obs)[0]
+    p_rows = b.x_partner_ng.numpy()
+    assert p_rows.shape == b.x_ng.shape and (labels[rows] >= -1).all()
+    src.close()
+
+
+def test_bad_configurations_have_clear_errors():
+    src, plan = source_and_plan()
+    with pytest.raises(DataError, match="io_batch_cells"):
+        PairedCellDataset(src, plan, batch_size=500, io_batch_cells=100)
+    with pytest.raises(DataError, match="drop_last"):
+        PairedCellDataset(src, SamplingPlan.from_source(src, cells=np.arange(100)), batch_size=430)
+    with pytest.raises(DataError, match="CellSource or a SourceSpec"):
+        PairedCellDataset(object(), plan)
+    other = AnnDataSource(grouped_adata(n=500), SELECTION)
+    with pytest.raises(DataError, match="plan covers"):
+        PairedCellDataset(other, plan)
+    ds = PairedCellDataset(src, plan, batch_size=100)
+    with pytest.raises(DataError, match="seed"):
+        ds.load_state_dict({"epoch": 0, "step": 3, "seed": 99})
+    small = PairedCellDataset(src, SamplingPlan.from_source(src, cells=np.arange(100)), batch_size=430,
+                              drop_last=False)
+    assert [len(b) for b in small] == [100]

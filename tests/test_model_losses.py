@@ -1,0 +1,101 @@
+"""The network's pieces and the losses, checked against their formulas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scpermut_dist.losses import LossWeights, balanced_alpha, focal_loss, total_loss
+from scpermut_dist.module import GradientReversal, ScPermutModule
+from scpermut_dist.split import stratified_split
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.3])
+def test_gradient_reversal_is_identity_forward_and_flips_and_scales_the_gradient(lam):
+    x = torch.randn(5, 3, requires_grad=True)
+    y = GradientReversal(lam)(x)
+    assert torch.equal(y, x)
+    w = torch.randn(5, 3)
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, -lam * w)
+
+
+def test_focal_loss_matches_its_formula_and_ignores_unlabelled():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 4)
+    labels = torch.tensor([0, 1, 2, 3, -1, 1, 1, -1])
+    alpha = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    gamma = 3.0
+    got = focal_loss(logits, labels, gamma, alpha)
+    p = torch.softmax(logits, 1).numpy()
+    terms = []
+    for i, y in enumerate(labels.tolist()):
+        if y < 0:
+            continue
+        onehot = np.eye(4)[y]
+        terms.append(-np.sum(alpha.numpy() * (1 - p[i]) ** gamma * onehot * np.log(p[i])))
+    assert float(got) == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+def test_focal_loss_with_gamma_0_and_alpha_1_is_cross_entropy():
+    logits, labels = torch.randn(10, 5), torch.randint(0, 5, (10,))
+    assert float(focal_loss(logits, labels, 0.0, None)) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-6)
+    assert float(focal_loss(logits, labels, 0.0, torch.ones(5))) == pytest.approx(float(F.cross_entropy(logits, labels)),
+                                                                                rel=1e-6)
+    assert float(focal_loss(logits, torch.full((10,), -1), 3.0)) == 0.0
+
+
+def test_balanced_alpha_is_authors_weights_under_natural_sampling_and_one_when_balanced():
+    counts = np.array([60, 30, 10, 0])  # natural sampling: q = n_c / n
+    alpha = balanced_alpha(counts / counts.sum()).numpy()
+    n, k = counts.sum(), 3  # K = classes actually sampled
+    assert alpha[:3] == pytest.approx(n / (k * counts[:3]))
+    assert alpha[3] == 0.0
+    assert balanced_alpha(np.array([0.25] * 4)).numpy() == pytest.approx(np.ones(4))  # no double correction
+
+
+def test_total_loss_is_the_weighted_sum_of_its_terms():
+    torch.manual_seed(0)
+    m = ScPermutModule(20, 3, 2, hidden_sizes=[16, 8], latent_dim=4)
+    x, xp = torch.rand(6, 20), torch.rand(6, 20)
+    labels, batches = torch.tensor([0, 1, 2, -1, 0, 1]), torch.tensor([0, 1, 0, 1, 0, 1])
+    out = m(x)
+    w = LossWeights(clas_w=0.3, dann_w=0.02, rec_w=0.01)
+    total, parts = total_loss(out, xp, labels, batches, ["clas", "dann", "rec"], w)
+    assert float(parts["rec"]) == pytest.approx(float(F.mse_loss(out.reconstruction, xp).detach()))
+    assert float(parts["dann"]) == pytest.approx(float(F.cross_entropy(out.batch_logits, batches).detach()))
+    assert float(total) == pytest.approx(0.3 * float(parts["clas"]) + 0.02 * float(parts["dann"])
+                                         + 0.01 * float(parts["rec"]), rel=1e-5)
+    total_rec, parts_rec = total_loss(out, xp, labels, batches, ["rec"], w)
+    assert set(parts_rec) == {"rec", "total"}
+
+
+def test_module_shapes_linear_bottleneck_and_freezing():
+    torch.manual_seed(0)
+    m = ScPermutModule(50, 4, 3)  # the authors' sizes: 50 -> 1151 -> 235 -> 84
+    assert [type(x).__name__ for x in m.encoder.bottleneck] == ["Linear", "BatchNorm1d"]  # no ReLU/dropout
+    assert m.encoder.hidden[0][0].out_features == 1151 and m.encoder.hidden[1][0].out_features == 235
+    out = m(torch.rand(7, 50))
+    assert out.latent.shape == (7, 84) and out.reconstruction.shape == (7, 50)
+    assert out.class_logits.shape == (7, 4) and out.batch_logits.shape == (7, 3)
+    assert (out.latent < 0).any()  # linear bottleneck: not ReLU'd
+    assert (out.reconstruction >= 0).all()
+    params = m.set_trainable(["classifier"])
+    assert len(params) == len(list(m.classifier.parameters()))
+    assert m.classifier.training and not m.encoder.training and not m.dann.training
+    assert not any(p.requires_grad for p in m.encoder.parameters())
+    only = m(torch.rand(3, 50), heads=("classifier",))
+    assert only.reconstruction is None and only.batch_logits is None
+
+
+def test_stratified_split_is_a_seeded_minority_and_keeps_singletons_in_train():
+    labels = np.array([0] * 100 + [1] * 10 + [2] * 1 + [-1] * 7)
+    train, val = stratified_split(labels, 0.2, seed=3)
+    assert len(val) == 22 and len(train) == 89  # 20 + 2 of 111 labelled; the unlabelled are in neither
+    assert np.bincount(labels[val], minlength=3).tolist() == [20, 2, 0]
+    assert 110 in train and not np.intersect1d(train, val).size
+    assert np.array_equal(val, stratified_split(labels, 0.2, seed=3)[1])
+    assert not np.array_equal(val, stratified_split(labels, 0.2, seed=4)[1])
+    _, capped = stratified_split(labels, 0.2, max_val=5, seed=0)
+    assert len(capped) <= 5

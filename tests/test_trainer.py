@@ -1,0 +1,154 @@
+"""The training loop on real counts through the real data path: pairs, stages, early stopping, seeds."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from loaders.sources import AnnDataSource
+from model_data import cellbench_sng, tiny_config
+from scpermut_dist.api import _loader_factory, fit
+from scpermut_dist.losses import LossWeights
+from scpermut_dist.module import MODULE_NAMES, ScPermutModule
+from scpermut_dist.preprocess import prepare_reference
+from scpermut_dist.schedule import Stage, scheme_stages
+from scpermut_dist.trainer import Trainer, ValidationSet
+
+
+@pytest.fixture(scope="module")
+def prepared(datasets_dir):
+    adata = cellbench_sng(datasets_dir, unlabelled_fraction=0.2)
+    cfg = tiny_config("data.label_key=cell_line", "data.batch_keys=batch", "data.unlabeled_value=unknown")
+    prep = prepare_reference(lambda sel: AnnDataSource(adata, sel), cfg.data)
+    labelled = np.flatnonzero(prep.label_codes >= 0)
+    val, train_lab = labelled[::5], np.setdiff1d(labelled, labelled[::5])
+    train_all = np.setdiff1d(prep.cells, val)
+    x_val = torch.from_numpy(prep.normalization.apply_dense(prep.source.read_counts(val)))
+    validation = ValidationSet(x_val, torch.from_numpy(prep.label_codes[val]))
+    return prep, cfg, train_all, train_lab, validation
+
+
+def _module(prep, cfg, seed=0):
+    torch.manual_seed(seed)
+    return ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
+
+
+class Recording:
+    """Wraps a stage loader and keeps every PairedBatch it hands to the trainer."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+        self.sampled_class_freq = inner.sampled_class_freq
+
+    def set_epoch(self, e):
+        self.inner.set_epoch(e)
+
+    def __iter__(self):
+        for b in self.inner:
+            self.batches.append(b)
+            yield b
+
+
+def _trainer(prep, cfg, train_all, train_lab, validation, stages, module, wrap=lambda x: x):
+    make = _loader_factory(prep, cfg, train_all, train_lab)
+    return Trainer(module, stages, lambda s, i: wrap(make(s, i)), LossWeights.from_config(cfg.loss),
+                   seed=0, validation=validation)
+
+
+def test_pairs_as_delivered_to_the_trainer_are_same_class_never_self_and_unlabelled_self(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    recorders = []
+    stage = Stage(name="perm", cells="all", trains=["encoder", "decoder"], losses=["rec"], permutation=True, epochs=2)
+    t = _trainer(prep, cfg, train_all, train_lab, validation, [stage], _module(prep, cfg),
+                 wrap=lambda x: recorders.append(Recording(x)) or recorders[-1])
+    t.fit()
+    batches = recorders[0].batches
+    assert batches and sum(len(b) for b in batches) >= len(train_all)
+    norm = prep.normalization.apply_dense(prep.source.read_counts(np.arange(prep.source.n_cells)))
+    rows = {}
+    for i, r in enumerate(norm):
+        rows.setdefault(r.tobytes(), []).append(i)
+    n_checked = n_unlabelled = 0
+    for b in batches:
+        for i, anchor in enumerate(b.cell_n.tolist()):
+            assert anchor in set(train_all.tolist())
+            assert np.array_equal(b.x_ng[i].numpy(), norm[anchor])
+            label = prep.label_codes[anchor]
+            assert int(b.label_n[i]) == label and int(b.batch_n[i]) == prep.batch_codes[anchor]
+            if label < 0:
+                assert torch.equal(b.x_partner_ng[i], b.x_ng[i])
+                n_unlabelled += 1
+                continue
+            candidates = rows[b.x_partner_ng[i].numpy().tobytes()]
+            assert any(prep.label_codes[c] == label and c != anchor for c in candidates), (anchor, candidates)
+            n_checked += 1
+    assert n_checked > 300 and n_unlabelled > 30
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", scheme_stages("scheme8"), ids=lambda s: s.name)
+def test_each_stage_trains_exactly_the_modules_it_names(prepared, stage):
+    prep, cfg, train_all, train_lab, validation = prepared
+    module = _module(prep, cfg)
+    before = _snapshot(module)
+    short = stage.model_copy(update={"epochs": 1})
+    _trainer(prep, cfg, train_all, train_lab, validation, [short], module).fit()
+    after = _snapshot(module)
+    for name in MODULE_NAMES:
+        keys = [k for k in before if k.startswith(name + ".")]
+        changed = any(not torch.equal(before[k], after[k]) for k in keys)
+        assert changed == (name in stage.trains), (name, stage.trains)  # weights AND BatchNorm statistics
+
+
+def test_early_stopping_restores_the_best_weights(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    module = _module(prep, cfg, seed=1)
+    stage = Stage(name="full", trains=["encoder", "decoder", "classifier", "dann"], losses=["clas", "dann", "rec"],
+                  epochs=12, early_stopping=2)
+    snaps = []
+    t = _trainer(prep, cfg, train_all, train_lab, validation, [stage], module)
+    history = t.fit(on_epoch_end=lambda tr: snaps.append(_snapshot(tr.module)))
+    scores = [r["val_balanced_accuracy"] for r in history]
+    best = int(np.argmax(scores))  # first best: later ties do not count as improvements
+    assert len(history) == min(12, best + 1 + 2)  # stopped after `patience` epochs without improvement
+    final = _snapshot(module)
+    assert all(torch.equal(final[k], snaps[best][k]) for k in final)
+    if best != len(snaps) - 1:
+        assert any(not torch.equal(final[k], snaps[-1][k]) for k in final)
+
+
+def test_a_seed_makes_a_cpu_run_reproducible(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    cfg = tiny_config("train.max_epochs=1")
+    runs = [fit(adata, "cell_line", "batch", cfg.apply_overrides([f"train.seed={s}"])) for s in (5, 5, 6)]
+    sd = [r.module.state_dict() for r in runs]
+    assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
+    assert any(not torch.equal(sd[0][k], sd[2][k]) for k in sd[0] if sd[0][k].is_floating_point())
+    p0, p1 = runs[0].map(adata).probabilities, runs[1].map(adata).probabilities
+    assert np.array_equal(p0.to_numpy(), p1.to_numpy())
+
+
+def test_single_batch_training_drops_the_adversary(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    ref = fit(adata, "cell_line", None, tiny_config("train.max_epochs=1"))
+    assert ref.batches == ["all"]
+    assert all("loss_dann" not in r for r in ref.history)
+    assert ref.summary["stages"] == ["warmup_dann", "full_model", "classifier_branch"]
+    assert {r["stage"] for r in ref.history if "loss_rec" in r} == {"warmup_dann", "full_model"}
+
+
+def test_trainer_state_is_exposed_for_checkpointing(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    states = []
+    stages = [s.model_copy(update={"epochs": 1}) for s in scheme_stages("scheme8")]
+    t = _trainer(prep, cfg, train_all, train_lab, validation, stages, _module(prep, cfg))
+    t.fit(on_epoch_end=lambda tr: states.append(copy.deepcopy(tr.state_dict())))
+    assert [s["position"]["stage_index"] for s in states] == [0, 1, 2]
+    assert all(s["position"]["epoch"] == 1 for s in states)
+    assert states[1]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(9.9e-4)
+    assert states[0]["loader"] is None or "epoch" in states[0]["loader"]
