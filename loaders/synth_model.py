@@ -58,6 +58,31 @@ def _nb_counts(gen_ids, combo, lib, prof, theta, seed):
     return out
 
 
+@njit(parallel=True, cache=True)
+def _dense_to_csr(dense):
+    """CSR arrays (indptr, indices, data float32) of an int32 dense block, in parallel over rows."""
+    n, g = dense.shape
+    nnz = np.zeros(n, np.int64)
+    for i in prange(n):
+        c = 0
+        for j in range(g):
+            if dense[i, j] != 0:
+                c += 1
+        nnz[i] = c
+    indptr = np.zeros(n + 1, np.int64)
+    indptr[1:] = np.cumsum(nnz)
+    indices = np.empty(indptr[n], np.int32)
+    data = np.empty(indptr[n], np.float32)
+    for i in prange(n):
+        p = indptr[i]
+        for j in range(g):
+            if dense[i, j] != 0:
+                indices[p] = j
+                data[p] = dense[i, j]
+                p += 1
+    return indptr, indices, data
+
+
 def hash_uniform(seed: int, stream: int, idx: np.ndarray) -> np.ndarray:
     """Uniform(0,1) per index, a pure function of (seed, stream, idx)."""
     with np.errstate(over="ignore"):
@@ -152,7 +177,8 @@ class Design:
             d["start"], d["stop"] = int(starts[k]), int(starts[k + 1])
             d["dataset_id"] = str(_uuid(rng))
             d["tissue"] = str(rng.choice(TISSUES[d["tissue_general"]][1]))
-            d["lib_median"] = ASSAYS[d["kind"]][3] * float(np.exp(rng.normal(0, 0.25)))
+            # libraries over n genes grow ~sqrt(n) (2,000 genes ~1k UMIs, Census' 60k genes ~5k)
+            d["lib_median"] = ASSAYS[d["kind"]][3] * (self.n_genes / 2000) ** 0.5 * float(np.exp(rng.normal(0, 0.25)))
             d["measured"] = np.ones(self.n_genes, bool) if k == 0 else rng.random(self.n_genes) > rng.uniform(0, 0.03)
             if d["source"] >= 0:
                 continue
@@ -242,7 +268,14 @@ class Design:
             ctype[m] = np.minimum(np.searchsorted(d["cdf"], u, side="right"), len(d["cdf"]) - 1)
         lib_med = np.array([d["lib_median"] for d in self.datasets])[src_ds]
         lib = np.exp(np.log(lib_med) + self.type_lib[ctype] + 0.45 * hash_normal(self.seed, 1, src_row))
-        return dict(dataset=ds, source_dataset=src_ds, donor=donor, cell_type=ctype, library=lib, gen_id=src_row)
+        return dict(row=rows, dataset=ds, source_dataset=src_ds, donor=donor, cell_type=ctype, library=lib, gen_id=src_row)
+
+    def counts_csr(self, cells: dict[str, np.ndarray]):
+        """float32 CSR (n, G) counts for `cells()` output."""
+        import scipy.sparse as sp
+
+        indptr, indices, data = _dense_to_csr(self.counts(cells))
+        return sp.csr_matrix((data, indices, indptr), shape=(len(cells["row"]), self.n_genes))
 
     def counts(self, cells: dict[str, np.ndarray]) -> np.ndarray:
         """Dense int32 (n, G) counts for `cells()` output."""

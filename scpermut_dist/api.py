@@ -188,7 +188,9 @@ def _loader_factory(prep: PreparedReference, cfg: RunConfig, train_all: np.ndarr
                             balance=cfg.data.sampling.balance, permute=stage.permutation,
                             seed=cfg.train.seed * 1000 + index, cells_per_epoch=stage.cells_per_epoch,
                             n_classes=len(prep.classes))
-        ds = PairedCellDataset(prep.spec, plan, normalization=prep.normalization, batch_size=cfg.train.batch_size,
+        # The opened source, not the spec: in-process it avoids re-opening the file per stage, and an h5ad
+        # source pickles as its spec should DataLoader workers be used.
+        ds = PairedCellDataset(prep.source, plan, normalization=prep.normalization, batch_size=cfg.train.batch_size,
                                io_batch_cells=cfg.data.sampling.io_batch_cells, prefetch=cfg.data.sampling.prefetch,
                                drop_last=False)
         return _StageData(ds, plan)

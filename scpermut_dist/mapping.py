@@ -47,8 +47,9 @@ def align_genes(query_var: pd.DataFrame, model_genes: pd.DataFrame, where: str =
     best = None
     for key in ("feature_id", "feature_name"):
         index = pd.Index(qv[key].astype(str))
-        index = index.where(~index.duplicated(), "\0dup")  # first occurrence wins for duplicated names
-        pos = index.get_indexer(model_genes[key].astype(str))
+        first = np.flatnonzero(~index.duplicated())  # first occurrence wins for duplicated names
+        hit = index[first].get_indexer(model_genes[key].astype(str))
+        pos = np.where(hit >= 0, first[np.maximum(hit, 0)], -1)
         if best is None or (pos >= 0).sum() > (best[0] >= 0).sum():
             best = (pos, key)
     pos, key = best

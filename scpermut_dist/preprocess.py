@@ -115,24 +115,21 @@ def _row_blocks(n: int, step: int):
 
 
 def _qc_pass(source, data: DataConfig, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """One streaming pass: validate raw counts, per-cell QC, per-gene number of expressing cells."""
-    n_counts = np.zeros(source.n_cells)
-    n_genes = np.zeros(source.n_cells, dtype=np.int64)
+    """One streaming pass: validate every count, per-cell QC, per-gene number of expressing QC'd cells."""
+    keep = np.zeros(source.n_cells, dtype=bool)
+    n_cells_per_gene = np.zeros(source.n_genes, dtype=np.int64)
     for rows in _row_blocks(source.n_cells, data.sampling.io_batch_cells):
         x = source.read_counts(rows)
         check_raw_counts(x, where, max_values=max(x.nnz, 1))  # every stored value, not a prefix
-        n_counts[rows] = np.asarray(x.sum(axis=1)).ravel()
         x.eliminate_zeros()
-        n_genes[rows] = np.diff(x.indptr)
-    keep = (n_counts >= data.min_counts_per_cell) & (n_genes >= data.min_genes_per_cell)
+        ok = (np.asarray(x.sum(axis=1)).ravel() >= data.min_counts_per_cell) & \
+             (np.diff(x.indptr) >= data.min_genes_per_cell)
+        keep[rows] = ok
+        kept = x[np.flatnonzero(ok)]
+        n_cells_per_gene += np.bincount(kept.indices, minlength=source.n_genes)
     if not keep.any():
         raise DataError(f"{where}: no cell passes QC (min_counts_per_cell={data.min_counts_per_cell}, "
                         f"min_genes_per_cell={data.min_genes_per_cell}); are the counts empty?")
-    n_cells_per_gene = np.zeros(source.n_genes, dtype=np.int64)
-    kept = np.flatnonzero(keep)
-    for start in range(0, len(kept), data.sampling.io_batch_cells):
-        x = source.read_counts(kept[start:start + data.sampling.io_batch_cells])
-        n_cells_per_gene += np.bincount(x.indices[x.data > 0], minlength=source.n_genes)
     if (~keep).any():
         log.info("%s: %d of %d cells fail QC and are left out", where, int((~keep).sum()), source.n_cells)
     return keep, n_cells_per_gene

@@ -135,7 +135,7 @@ class Trainer:
             resuming = resume is not None and index == self._pos["stage_index"] and self._pos["epoch"] > 0
             if not resuming:
                 self._pos.update(stage_index=index, epoch=0, cells_seen=0)
-                self._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0}
+                self._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0, "done": False}
                 self._best_state = None
                 torch.manual_seed(self.seed * 1000 + index)
             self._run_stage(stage, resume if resuming else None, on_epoch_end)
@@ -165,7 +165,10 @@ class Trainer:
         validate = "clas" in stage.losses and self.validation is not None and len(self.validation) > 0
         if stage.early_stopping and not validate:
             log.warning("stage %s: no labelled validation cells, early stopping is off", stage.name)
+        st = self._stage_state
         for epoch in range(self._pos["epoch"], stage.epochs):
+            if st.get("done"):
+                break
             record = self._run_epoch(net, stage, epoch, alpha)
             self._pos["cells_seen"] += record["cells"]
             if validate:
@@ -174,14 +177,13 @@ class Trainer:
             self._pos["epoch"] = epoch + 1
             self.history.append(record)
             self._emit(record)
-            if on_epoch_end is not None:
-                on_epoch_end(self)
-            st = self._stage_state
-            if stage.early_stopping and validate and st["bad_epochs"] >= stage.early_stopping:
+            early = bool(stage.early_stopping and validate and st["bad_epochs"] >= stage.early_stopping)
+            enough = stage.max_cells_seen is not None and self._pos["cells_seen"] >= stage.max_cells_seen
+            st["done"] = early or enough or epoch + 1 == stage.epochs
+            if early:
                 log.info("stage %s: early stop after epoch %d (best %d)", stage.name, epoch + 1, st["best_epoch"] + 1)
-                break
-            if stage.max_cells_seen is not None and self._pos["cells_seen"] >= stage.max_cells_seen:
-                break
+            if on_epoch_end is not None:
+                on_epoch_end(self)  # the state it sees resumes exactly after this epoch
         if self._best_state is not None:
             self.module.load_state_dict(self._best_state)  # restore best weights of this stage
             self._best_state = None
@@ -221,12 +223,25 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             n_cells += len(batch)
             n_steps += 1
+        if self.world_size > 1:
+            self._sync_buffers()
         elapsed = time.perf_counter() - t0
         cells = n_cells * self.world_size  # every rank runs the same number of steps
         record = {"stage": stage.name, "epoch": epoch + 1, "steps": n_steps, "cells": cells,
                   "seconds": round(elapsed, 4), "cells_per_s": cells / elapsed if elapsed > 0 else float("nan")}
         record.update({f"loss_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
         return record
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """Average BatchNorm running statistics over ranks: DDP only broadcasts them before each forward, so
+        after an epoch every rank holds its own; validation and early stopping must see the same model."""
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                torch.distributed.all_reduce(buf)
+                buf /= self.world_size
+            else:
+                torch.distributed.broadcast(buf, 0)
 
     def _emit(self, record: dict) -> None:
         if self.rank != 0:

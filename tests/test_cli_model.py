@@ -25,7 +25,7 @@ def _scpermut(*args: str) -> subprocess.CompletedProcess:
 def test_train_then_map_end_to_end(datasets_dir, tmp_path):
     ckpt, out = tmp_path / "model", tmp_path / "mapped.h5ad"
     res = _scpermut("train", "--h5ad", str(datasets_dir / CELLBENCH), "--label-key", "cell_line", "--batch-key", "batch",
-                    "--out", str(ckpt), "--set", "data.obs_value_filter=demuxlet_cls == 'SNG'", *SETS)
+                    "--out", str(ckpt), "--set", "data.obs_value_filter=demuxlet_cls == 'SNG'", "--set", "train.num_threads=1", *SETS)
     assert res.returncode == 0, res.stderr
     assert "cells/s" in res.stdout and "full_model epoch 2" in res.stdout and "validation" in res.stdout
     assert (ckpt / "manifest.json").is_file() and (ckpt / "weights.pt").is_file()

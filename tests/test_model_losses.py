@@ -65,7 +65,7 @@ def test_total_loss_is_the_weighted_sum_of_its_terms():
     total, parts = total_loss(out, xp, labels, batches, ["clas", "dann", "rec"], w)
     assert float(parts["rec"]) == pytest.approx(float(F.mse_loss(out.reconstruction, xp).detach()))
     assert float(parts["dann"]) == pytest.approx(float(F.cross_entropy(out.batch_logits, batches).detach()))
-    assert float(total) == pytest.approx(0.3 * float(parts["clas"]) + 0.02 * float(parts["dann"])
+    assert float(total.detach()) == pytest.approx(0.3 * float(parts["clas"]) + 0.02 * float(parts["dann"])
                                          + 0.01 * float(parts["rec"]), rel=1e-5)
     total_rec, parts_rec = total_loss(out, xp, labels, batches, ["rec"], w)
     assert set(parts_rec) == {"rec", "total"}

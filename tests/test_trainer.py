@@ -152,3 +152,41 @@ def test_trainer_state_is_exposed_for_checkpointing(prepared):
     assert all(s["position"]["epoch"] == 1 for s in states)
     assert states[1]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(9.9e-4)
     assert states[0]["loader"] is None or "epoch" in states[0]["loader"]
+
+
+def test_resuming_from_an_epoch_boundary_state_reproduces_the_uninterrupted_run(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    stages = [s.model_copy(update={"epochs": 2}) for s in scheme_stages("scheme8", patience=1)]
+    states = []
+    full = _trainer(prep, cfg, train_all, train_lab, validation, stages, _module(prep, cfg))
+    full.fit(on_epoch_end=lambda tr: states.append(copy.deepcopy(tr.state_dict())))
+    for k in (0, 1, 3):  # mid-stage (warmup epoch 2 next), the end of a stage, within full_model
+        resumed = _trainer(prep, cfg, train_all, train_lab, validation, stages, _module(prep, cfg, seed=9))
+        resumed.load_state_dict(copy.deepcopy(states[k]))
+        history = resumed.fit()
+        assert [r["stage"] for r in history] == [r["stage"] for r in full.history]
+        final, expected = resumed.module.state_dict(), full.module.state_dict()
+        assert all(torch.equal(final[key], expected[key]) for key in expected), k
+
+
+def test_a_given_gene_list_replaces_hvg_selection(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    genes = list(adata.var_names[100:160])
+    ref = fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=1").apply_overrides([f"data.genes={genes}"]))
+    assert list(ref.genes["feature_id"]) == genes and ref.module.dims["n_genes"] == 60
+
+
+def test_batch_key_may_combine_columns(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    adata.obs["plate_half"] = (np.arange(adata.n_obs) % 2).astype(str)
+    ref = fit(adata, "cell_line", "batch+plate_half", tiny_config("train.max_epochs=1"))
+    assert len(ref.batches) == 6 and "CELseq2_5cl_p1+0" in ref.batches
+    assert sum(ref.training_data["batch_counts"].values()) == adata.n_obs
+
+
+def test_stage_length_in_cells_seen(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    stage = Stage(name="warm", cells="all", trains=["encoder", "decoder"], losses=["rec"], permutation=True,
+                  epochs=50, cells_per_epoch=200, max_cells_seen=700)
+    history = _trainer(prep, cfg, train_all, train_lab, validation, [stage], _module(prep, cfg)).fit()
+    assert [r["cells"] for r in history] == [200, 200, 200, 200]  # stops once 700 cells were seen

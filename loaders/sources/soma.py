@@ -152,11 +152,12 @@ class SomaExperimentSource:
         dim0 = table.column("soma_dim_0").to_numpy()
         dim1 = table.column("soma_dim_1").to_numpy()
         data = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
-        if np.all(ids[1:] > ids[:-1]):  # the contract: sorted rows, and obs is in joinid order
-            r = np.searchsorted(ids, dim0)
-        else:
-            r = pd.Index(ids).get_indexer(dim0)
         c = self._var_lookup[dim1]
+        ids_sorted = bool(np.all(ids[1:] > ids[:-1]))  # the contract: sorted rows, and obs is in joinid order
+        if ids_sorted and bool(np.all(dim0[1:] >= dim0[:-1])):  # row-major result: CSR directly, ~4x faster
+            indptr = np.append(np.searchsorted(dim0, ids), len(dim0))
+            return sp.csr_matrix((data, c.astype(np.int32, copy=False), indptr), shape=(len(ids), self.n_genes))
+        r = np.searchsorted(ids, dim0) if ids_sorted else pd.Index(ids).get_indexer(dim0)
         return sp.csr_matrix((data, (r, c)), shape=(len(ids), self.n_genes))
 
     def chunk_ids(self) -> np.ndarray:
