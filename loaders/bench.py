@@ -44,6 +44,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (robust to other load on a shared machine, unlike wall time)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -92,14 +98,15 @@ def run_ours(cfg: BenchConfig) -> dict:
                            prefetch=cfg.prefetch)
     setup_s, rss_setup = time.perf_counter() - t0, _rss_mb()
     codes, labels, n = [], [], 0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _cpu_s()
     for b in ds:
         n += len(b)
         codes.append(b.batch_n.numpy())
         labels.append(b.label_n.numpy())
-    stream_s = time.perf_counter() - t1
+    stream_s, cpu_s = time.perf_counter() - t1, _cpu_s() - c1
     peak = _peak_rss_mb()
     out = {"cells": n, "minibatches": len(codes), "setup_s": setup_s, "stream_s": stream_s, "cells_per_s": n / stream_s,
+           "cpu_s": cpu_s, "cells_per_cpu_s": n / cpu_s,
            "peak_rss_mb": peak, "rss_after_setup_mb": rss_setup, "n_cells_store": int(source.n_cells),
            "n_genes": int(source.n_genes)}
     weights = plan.cell_weights(plan.cells)
@@ -155,19 +162,19 @@ def run_tiledbsoma_ml(cfg: BenchConfig) -> dict:
                                              batch_size=cfg.batch_size, seed=cfg.seed)  # other options: defaults
         setup_s, rss_setup = time.perf_counter() - t0, _rss_mb()
         codes, n = [], 0
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         for x, obs in ds:
             n += len(obs)
             codes.append(_combine(obs, keys))
             if cfg.cells is not None and n >= cfg.cells:
                 break
-        stream_s = time.perf_counter() - t1
+        stream_s, cpu_s = time.perf_counter() - t1, _cpu_s() - c1
         peak = _peak_rss_mb()
         all_obs = query.obs(column_names=keys).concat().to_pandas()
     handle.close()
     ratio = batch_entropy_ratio(codes, _combine(all_obs, keys), seed=1)
     return {"cells": n, "minibatches": len(codes), "setup_s": setup_s, "stream_s": stream_s, "cells_per_s": n / stream_s,
-            "peak_rss_mb": peak, "rss_after_setup_mb": rss_setup, "batch_entropy_ratio": ratio,
+            "cpu_s": cpu_s, "cells_per_cpu_s": n / cpu_s, "peak_rss_mb": peak, "rss_after_setup_mb": rss_setup, "batch_entropy_ratio": ratio,
             "n_cells_store": int(len(all_obs)), "x_shape": list(np.shape(x)),
             "options": "defaults (io_batch_size=65536, shuffle_chunk_size=64, shuffle=True) + batch_size"}
 
@@ -200,12 +207,13 @@ def compare(cfg: BenchConfig, sweep: list[tuple[int, int]] = (), rss_store: str 
     res = report["results"]
     if "ours" in res and "tiledbsoma-ml" in res:
         report["ratio_cells_per_s"] = res["ours"]["cells_per_s"] / res["tiledbsoma-ml"]["cells_per_s"]
+        report["ratio_cells_per_cpu_s"] = res["ours"]["cells_per_cpu_s"] / res["tiledbsoma-ml"]["cells_per_cpu_s"]
     report["sweep"] = []
     for block, pool in sweep:
         log(f"[bench] ours block_cells={block} io_batch_cells={pool} ...")
         r = run_in_subprocess(replace(cfg, loader="ours", block_cells=block, io_batch_cells=pool))
         report["sweep"].append({"block_cells": block, "io_batch_cells": pool, **{k: r[k] for k in (
-            "cells_per_s", "batch_entropy_ratio", "peak_rss_mb", "partner_in_pool_frac", "partner_other_batch_frac")}})
+            "cells_per_s", "cells_per_cpu_s", "batch_entropy_ratio", "peak_rss_mb", "partner_in_pool_frac", "partner_other_batch_frac")}})
     if rss_store:
         log(f"[bench] ours on {rss_store} (memory boundedness) ...")
         other = run_in_subprocess(replace(cfg, loader="ours", store=rss_store))

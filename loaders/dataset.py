@@ -1,8 +1,9 @@
 """`PairedCellDataset`: streams normalised (anchor, partner) minibatches from any `CellSource`.
 
 One sorted, de-duplicated `read_counts` call per IO pool (anchors and partners together), done by a
-background thread a bounded number of pools ahead; data stay sparse (CSR) until a minibatch is
-densified. Memory is bounded by `io_batch_cells` x (`prefetch` + 2), not by the atlas size. A
+background thread a bounded number of pools ahead; data stay sparse (CSR) until a second thread
+densifies each minibatch, so the consumer (training) thread only receives ready tensors. Memory is
+bounded by `io_batch_cells` x (`prefetch` + 2) plus a few minibatches, not by the atlas size. A
 selection that fits in one IO pool is read once and cached, so tiny datasets pay no per-epoch IO.
 
 State and resume: the stream position is (epoch, minibatches consumed by this rank). Resuming skips
@@ -30,6 +31,7 @@ from loaders.sampling import EpochLayout, PoolDraw, SamplingPlan
 from loaders.sharding import dist_rank_world, in_worker_process, round_robin_consumed, worker_id_num
 
 _END = object()
+ASSEMBLED_AHEAD = 4  # dense minibatches ready ahead of the consumer (each 2 x batch x genes float32)
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
@@ -153,13 +155,14 @@ class PairedCellDataset(IterableDataset):
         return work
 
     def _read(self, source, rows: np.ndarray):
+        """Normalised CSR of `rows` (in place: `read_counts` hands over a fresh matrix)."""
         if self.cache_small and len(self.plan.cells) <= self.io_batch_cells:
             if self._cache is None:
                 cells = self.plan.cells
-                self._cache = (cells, self.normalization.apply_csr(source.read_counts(cells)))
+                self._cache = (cells, self.normalization.apply_csr(source.read_counts(cells), copy=False))
             cells, x = self._cache
             return x[np.searchsorted(cells, rows)]
-        return self.normalization.apply_csr(source.read_counts(rows))
+        return self.normalization.apply_csr(source.read_counts(rows), copy=False)
 
     def _produce(self, work, out: queue.Queue, stop: threading.Event, epoch: int) -> None:
         try:
@@ -178,29 +181,49 @@ class PairedCellDataset(IterableDataset):
         self._normalise_position()
         main = not in_worker_process()
         epoch, work = self._epoch, self._my_work()
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        pools: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        batches: queue.Queue = queue.Queue(maxsize=ASSEMBLED_AHEAD)
         stop = threading.Event()
-        thread = threading.Thread(target=self._produce, args=(work, out, stop, epoch), daemon=True,
-                                  name="scpermut-loader-io")
-        thread.start()
+        threads = [threading.Thread(target=self._produce, args=(work, pools, stop, epoch), daemon=True,
+                                    name="scpermut-loader-io"),
+                   threading.Thread(target=self._assemble, args=(pools, batches, stop), daemon=True,
+                                    name="scpermut-loader-assemble")]
+        for t in threads:
+            t.start()
         try:
             while True:
-                item = out.get()
+                item = batches.get()
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                draw, first, rows, x = item
-                for k in range(first, len(draw.bounds) - 1):
-                    batch = self._minibatch(draw, k, rows, x)
-                    if main:
-                        self._step += 1
-                    yield batch
+                if main:
+                    self._step += 1
+                yield item
             if main:
                 self._normalise_position()
         finally:
             stop.set()
-            thread.join(timeout=30)
+            for t in threads:
+                t.join(timeout=30)
+
+    def _assemble(self, pools: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+        """Densify minibatches off the consumer's thread (scipy/torch release the GIL for the copies)."""
+        try:
+            while not stop.is_set():
+                try:
+                    item = pools.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _END or isinstance(item, BaseException):
+                    _put(out, item, stop)
+                    return
+                draw, first, rows, x = item
+                for k in range(first, len(draw.bounds) - 1):
+                    if not _put(out, self._minibatch(draw, k, rows, x), stop):
+                        return
+        except BaseException as exc:
+            _put(out, exc, stop)
 
     def _minibatch(self, draw: PoolDraw, k: int, rows: np.ndarray, x) -> PairedBatch:
         lo, hi = draw.bounds[k], draw.bounds[k + 1]
@@ -246,6 +269,9 @@ class PairedLoader:
             return
         from torch.utils.data import DataLoader
 
+        if self.kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers=True would keep stale epoch/position copies in the workers; "
+                             "PairedLoader needs fresh workers each epoch (the default).")
         ds._normalise_position()
         if ds._step > 0 and ds._num_workers != self.num_workers:
             raise DataError(f"resuming a position saved with {ds._num_workers} DataLoader worker(s) on "

@@ -17,7 +17,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from loaders.errors import DataError
-from loaders.soma_layout import reopen_for_write, x_platform_config
+from loaders.soma_layout import WRITE_SORTED, coo_table_global_order, reopen_for_write, x_platform_config
 from loaders.sources.anndata_source import var_with_feature_columns
 from loaders.sources.h5ad import _RowReader
 from loaders.validate import check_raw_counts
@@ -99,11 +99,9 @@ def _write(tmp: Path, obs: pd.DataFrame, var: pd.DataFrame, reader, chunk: int, 
             part["raw_sum"] = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
             part["nnz"] = np.diff(x.indptr).astype(np.int64)
             obs_w.write(pa.Table.from_pandas(part, schema=obs_schema, preserve_index=False))
-            coo = x.tocoo()
-            x_w.write(pa.Table.from_pydict({"soma_dim_0": coo.row.astype(np.int64) + start,
-                                            "soma_dim_1": coo.col.astype(np.int64),
-                                            "soma_data": coo.data.astype(np.float32)}))
-            total += coo.nnz
+            x.eliminate_zeros()  # explicit zeros are not stored values in SOMA
+            x_w.write(coo_table_global_order(x, start), platform_config=WRITE_SORTED)
+            total += x.nnz
     return total
 
 

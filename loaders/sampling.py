@@ -99,18 +99,21 @@ class SamplingPlan:
                  n_classes: int | None = None):
         self.labels = np.asarray(labels).astype(np.int32, copy=False)
         self.batches = np.asarray(batches).astype(np.int32, copy=False)
-        self.chunks = np.asarray(chunks).astype(np.int64, copy=False)
+        self.chunks = np.asarray(chunks)
+        self.chunks = self.chunks.astype(np.int32 if self.chunks.max(initial=0) < 2**31 else np.int64, copy=False)
         n = len(self.labels)
         if len(self.batches) != n or len(self.chunks) != n:
             raise DataError(f"SamplingPlan: labels ({n}), batches ({len(self.batches)}) and chunks "
                             f"({len(self.chunks)}) must have one entry per source cell.")
         if n and (self.labels.min() < -1 or self.batches.min() < 0):
             raise DataError("SamplingPlan: label codes must be >= -1 (-1 = unlabelled) and batch codes >= 0.")
-        cells = np.arange(n, dtype=np.int64) if cells is None else np.unique(np.asarray(cells, dtype=np.int64))
+        pos_dtype = np.int32 if n < 2**31 else np.int64  # 100M cells: 400 MB per position array, not 800
+        cells = np.arange(n, dtype=pos_dtype) if cells is None else np.unique(np.asarray(cells, dtype=np.int64))
         if len(cells) == 0:
             raise DataError("SamplingPlan: the cell subset is empty; select at least one cell.")
         if cells[0] < 0 or cells[-1] >= n:
             raise DataError(f"SamplingPlan: cell positions must lie in [0, {n}); got {cells[0]}..{cells[-1]}.")
+        cells = cells.astype(pos_dtype, copy=False)
         if not 0.0 <= float(balance) <= 1.0:
             raise DataError(f"SamplingPlan: balance must be in [0, 1] (0 natural, 1 uniform); got {balance}.")
         if cells_per_epoch is not None and int(cells_per_epoch) < 1:
@@ -164,16 +167,27 @@ class SamplingPlan:
 
     # ---- blocks and pools ----------------------------------------------------------------
     def blocks(self, block_cells: int) -> np.ndarray:
-        """Start offsets (into `cells`, plus the end) of runs of <= block_cells cells within one chunk."""
+        """Start offsets (into `cells`, plus the end) of runs of <= block_cells cells within one chunk.
+
+        Memory O(chunks + blocks), not O(cells): chunk ids change rarely along storage order.
+        """
         if block_cells not in self._blocks:
             ch = self.chunks[self.cells]
             n = len(ch)
-            new_run = np.ones(n, dtype=bool)
-            new_run[1:] = ch[1:] != ch[:-1]
-            run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
-            start = new_run | ((np.arange(n) - run_start) % block_cells == 0)
-            self._blocks[block_cells] = np.append(np.flatnonzero(start), n).astype(np.int64)
+            run_lo = np.flatnonzero(np.concatenate([[True], ch[1:] != ch[:-1]])).astype(np.int64)
+            run_len = np.diff(np.append(run_lo, n))
+            per_run = -(-run_len // block_cells)
+            first = np.repeat(np.cumsum(per_run) - per_run, per_run)
+            starts = np.repeat(run_lo, per_run) + (np.arange(per_run.sum()) - first) * block_cells
+            self._blocks[block_cells] = np.append(starts, n).astype(np.int64)
         return self._blocks[block_cells]
+
+    def block_weights(self, block_cells: int) -> np.ndarray:
+        """Sum of sampling weights per block (cached: pools' anchor quotas are proportional to it)."""
+        key = -block_cells  # shares the cache dict with `blocks`
+        if key not in self._blocks:
+            self._blocks[key] = np.add.reduceat(self.cell_weights(self.cells), self.blocks(block_cells)[:-1])
+        return self._blocks[key]
 
     def epoch_cells(self) -> int:
         return self.cells_per_epoch if self.cells_per_epoch is not None else len(self.cells)
@@ -204,8 +218,7 @@ class SamplingPlan:
             per_rank = -(-total // world)
             steps = -(-per_rank // batch_size)
             last = per_rank - (steps - 1) * batch_size
-        starts = self.blocks(block)
-        w_block = np.add.reduceat(self.cell_weights(self.cells), starts[:-1])
+        w_block = self.block_weights(block)
         w_pool = np.array([w_block[b].sum() for b in pool_blocks])
         owner = assign_pools(w_pool, world)
         expected = total * w_pool / w_pool.sum() / batch_size  # minibatches each pool can fill

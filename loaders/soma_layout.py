@@ -28,3 +28,25 @@ def reopen_for_write(handle):
     uri, cls = handle.uri, type(handle)
     handle.close()
     return soma.open(uri, "w", soma_type=cls)
+
+
+TILE = 2048
+WRITE_SORTED = {"tiledb": {"write": {"sort_coords": False}}}  # coords already in global order: no re-sort
+
+
+def coo_table_global_order(x, row_offset: int, tile: int = TILE):
+    """A CSR block as a SOMA COO table in the array's global order (row-major tiles of `tile` x `tile`,
+    row-major cells), so it can be written with `WRITE_SORTED`; TileDB's own sort is ~6x slower."""
+    import numpy as np
+    import pyarrow as pa
+
+    if not x.has_sorted_indices:
+        x = x.copy()
+        x.sort_indices()
+    rows = np.repeat(np.arange(row_offset, row_offset + x.shape[0], dtype=np.int64), np.diff(x.indptr))
+    cols = x.indices.astype(np.int64)
+    data = x.data.astype(np.float32, copy=False)
+    if x.shape[1] > tile:  # several column tiles: order by (row tile, column tile, row, column)
+        order = np.lexsort((cols, rows, cols // tile, rows // tile))
+        rows, cols, data = rows[order], cols[order], data[order]
+    return pa.Table.from_pydict({"soma_dim_0": rows, "soma_dim_1": cols, "soma_data": data})

@@ -21,7 +21,12 @@ from loaders.soma_layout import x_platform_config
 from loaders.synth_model import DEFAULT_RARE, Design
 from loaders.synth_vocab import ASSAYS, CELL_TYPES, DEV_STAGES, DISEASES, ETHNICITIES, RARE_TYPES, SEXES, TISSUES
 
-GEN_ROWS = 8192  # rows per generation block (bounds the dense count buffer: GEN_ROWS x n_genes int32)
+GEN_VALUES = 16_000_000  # dense int32 values per generation block (64 MB), whatever n_genes
+
+
+def gen_rows(n_genes: int) -> int:
+    """Rows per generation block; results do not depend on it (draws are hashed by row and gene)."""
+    return int(max(64, min(8192, GEN_VALUES // n_genes)))
 ALL_TYPES = [t[0] for t in CELL_TYPES] + [t[0] for t in RARE_TYPES]
 ALL_TISSUES = sorted(t for _, specific in TISSUES.values() for t in specific)
 
@@ -99,8 +104,9 @@ def synthesize_anndata(n_cells: int, n_genes: int, *, seed: int = 0, n_batches: 
                     donors_per_dataset=donors_per_batch)
     levels = _levels(design)
     parts, obs_parts = [], []
-    for start in range(0, n_cells, GEN_ROWS):
-        cells, x = generate_block(design, start, min(start + GEN_ROWS, n_cells))
+    step = gen_rows(n_genes)
+    for start in range(0, n_cells, step):
+        cells, x = generate_block(design, start, min(start + step, n_cells))
         cols = obs_columns(design, levels, cells, x)
         obs_parts.append(pd.DataFrame({k: pd.Categorical.from_codes(cols[k][0], cols[k][1])
                                        for k in ("cell_type", "dataset_id", "donor_id", "assay", "tissue_general")}))

@@ -9,9 +9,10 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from loaders.soma_layout import reopen_for_write
-from loaders.synth import GEN_ROWS, _levels, generate_block, obs_columns, to_arrow
+from loaders.soma_layout import WRITE_SORTED, coo_table_global_order, reopen_for_write
+from loaders.synth import _levels, gen_rows, generate_block, obs_columns, to_arrow
 
+MAX_CHUNK_NNZ = 16_000_000  # stored values per write: bounds memory (~1-2 GB peak) whatever n_genes
 SUMMARY_CATEGORIES = ("assay", "cell_type", "disease", "self_reported_ethnicity", "sex", "suspension_type", "tissue",
                       "tissue_general")
 ORGANISMS = {"homo_sapiens": ("Homo sapiens", "NCBITaxon:9606"), "mus_musculus": ("Mus musculus", "NCBITaxon:10090")}
@@ -50,19 +51,14 @@ def write_experiment(data, key: str, design, *, chunk_cells: int, normalized: bo
     gene_nnz = np.zeros(g, dtype=np.int64)
     cat_counts = {c: (np.zeros(len(levels[c][1]), np.int64), np.zeros(len(levels[c][1]), np.int64))
                   for c in SUMMARY_CATEGORIES}
-    starts = range(0, n, chunk_cells)
+    chunks = _chunks(design, levels, chunk_cells)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"synth {key}", unit="chunk", total=len(starts))
+        chunks = tqdm(chunks, desc=f"synth {key}", unit="chunk", total=-(-n // chunk_cells))
     with ThreadPoolExecutor(max_workers=1) as writer:  # write chunk k while chunk k+1 is generated
         pending = None
-        for start in starts:
-            stop = min(start + chunk_cells, n)
-            blocks = [generate_block(design, s, min(s + GEN_ROWS, stop)) for s in range(start, stop, GEN_ROWS)]
-            cells = {k: np.concatenate([b[0][k] for b in blocks]) for k in blocks[0][0]}
-            x = sp.vstack([b[1] for b in blocks], format="csr")
-            cols = obs_columns(design, levels, cells, x)
+        for start, cols, x in chunks:
             gene_nnz += np.bincount(x.indices, minlength=g)
             for c in SUMMARY_CATEGORIES:
                 codes = cols[c][0]
@@ -82,17 +78,34 @@ def write_experiment(data, key: str, design, *, chunk_cells: int, normalized: bo
     return dict(nnz=int(gene_nnz.sum()), cat_counts=cat_counts, levels=levels)
 
 
+def _chunks(design, levels: dict, chunk_cells: int, max_nnz: int = MAX_CHUNK_NNZ):
+    """Yield (start, obs columns, CSR counts) per write chunk: `chunk_cells` rows or `max_nnz` values,
+    whichever comes first, generated in blocks of `gen_rows(n_genes)` rows."""
+    step = gen_rows(design.n_genes)
+    start, blocks, nnz = 0, [], 0
+    for s in range(0, design.n_cells, step):
+        cells, xb = generate_block(design, s, min(s + step, design.n_cells))
+        blocks.append((cells, xb, obs_columns(design, levels, cells, xb)))
+        nnz += xb.nnz
+        stop = min(s + step, design.n_cells)
+        if stop - start >= chunk_cells or nnz >= max_nnz or stop == design.n_cells:
+            x = blocks[0][1] if len(blocks) == 1 else sp.vstack([b[1] for b in blocks], format="csr")
+            merged = {}
+            for k, v in blocks[0][2].items():
+                merged[k] = ((np.concatenate([b[2][k][0] for b in blocks]), v[1]) if isinstance(v, tuple)
+                             else np.concatenate([b[2][k] for b in blocks]))
+            yield start, merged, x
+            start, blocks, nnz = stop, [], 0
+
+
 def _write_chunk(obs, layers: dict, obs_table: pa.Table, x: sp.csr_matrix, start: int, raw_sum: np.ndarray) -> None:
     obs.write(obs_table)
-    coo = x.tocoo()
-    rows = coo.row.astype(np.int64)
-    layers["raw"].write(pa.Table.from_pydict({"soma_dim_0": rows + start, "soma_dim_1": coo.col.astype(np.int64),
-                                              "soma_data": coo.data.astype(np.float32)}))
+    layers["raw"].write(coo_table_global_order(x, start), platform_config=WRITE_SORTED)
     if "normalized" in layers:
-        values = (coo.data / raw_sum[rows]).astype(np.float32)
-        layers["normalized"].write(pa.Table.from_pydict({"soma_dim_0": rows + start,
-                                                         "soma_dim_1": coo.col.astype(np.int64),
-                                                         "soma_data": values}))
+        scale = np.divide(1.0, raw_sum, out=np.zeros_like(raw_sum), where=raw_sum > 0)
+        xn = sp.csr_matrix((x.data * np.repeat(scale, np.diff(x.indptr)).astype(np.float32), x.indices, x.indptr),
+                           shape=x.shape)
+        layers["normalized"].write(coo_table_global_order(xn, start), platform_config=WRITE_SORTED)
 
 
 def _write_var(rna, design, gene_nnz: np.ndarray) -> None:

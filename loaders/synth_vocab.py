@@ -59,11 +59,11 @@ TISSUES = {  # tissue_general -> (ontology id, specific tissues)
 }
 # assay kinds: (assay, ontology id, relative weight among datasets, median library size over 2,000 genes, suspension)
 ASSAYS = [
-    ("10x 3' v3", "EFO:0009922", 0.45, 1400.0, "cell"),
-    ("10x 3' v2", "EFO:0009899", 0.2, 800.0, "cell"),
-    ("10x 5' v1", "EFO:0011025", 0.15, 1000.0, "cell"),
-    ("Smart-seq2", "EFO:0008931", 0.08, 4000.0, "cell"),
-    ("10x 3' v3", "EFO:0009922", 0.12, 600.0, "nucleus"),
+    ("10x 3' v3", "EFO:0009922", 0.45, 700.0, "cell"),
+    ("10x 3' v2", "EFO:0009899", 0.2, 400.0, "cell"),
+    ("10x 5' v1", "EFO:0011025", 0.15, 500.0, "cell"),
+    ("Smart-seq2", "EFO:0008931", 0.08, 2000.0, "cell"),
+    ("10x 3' v3", "EFO:0009922", 0.12, 300.0, "nucleus"),
 ]
 SEXES = {"female": "PATO:0000383", "male": "PATO:0000384"}
 DISEASES = {"normal": "PATO:0000461", "COVID-19": "MONDO:0100096", "lung adenocarcinoma": "MONDO:0005061"}

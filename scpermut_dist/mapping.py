@@ -107,14 +107,19 @@ def map_anndata(module: ScPermutModule, classes: list[str], genes: pd.DataFrame,
 
 
 def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.AnnData:
-    """Write the result into `adata` (obs label/confidence, obsm latent/probabilities, uns info)."""
+    """Write the result into `adata`.
+
+    obs: `scpermut_label` (categorical over the reference classes), `scpermut_confidence` (max class
+    probability); obsm: `X_scpermut` (latent), `scpermut_probabilities` (cells x classes float32 array
+    whose column order is `uns["scpermut"]["classes"]`: an array, not a DataFrame, because class names
+    such as "CD4+/CD25 T Reg" are not valid HDF5 column keys); uns: `scpermut` (model info, classes).
+    `MappingResult.probabilities` is the same as a labelled DataFrame.
+    """
     classes = list(result.probabilities.columns)
     adata.obs["scpermut_label"] = pd.Categorical(result.labels, categories=classes)
     adata.obs["scpermut_confidence"] = result.confidence.astype(np.float32)
     adata.obsm["X_scpermut"] = result.latent.astype(np.float32)
-    probs = result.probabilities.astype(np.float32)
-    probs.index = adata.obs_names
-    adata.obsm["scpermut_probabilities"] = probs
+    adata.obsm["scpermut_probabilities"] = result.probabilities.to_numpy(dtype=np.float32)
     adata.uns["scpermut"] = {**model_info, "classes": classes, "n_genes_model": result.n_genes_model,
                              "n_genes_found": result.n_genes_found, "genes_matched_by": result.matched_by,
                              "confidence": "max class probability"}

@@ -40,10 +40,10 @@ def test_train_then_map_end_to_end(datasets_dir, tmp_path):
     assert set(m.obs["scpermut_label"].cat.categories) == set(classes)
     assert m.obs["scpermut_confidence"].between(1 / len(classes), 1.0).all()
     assert m.obsm["X_scpermut"].shape == (m.n_obs, 16)  # model.latent_dim in TINY
-    probs = m.obsm["scpermut_probabilities"]
-    assert isinstance(probs, pd.DataFrame) and list(probs.columns) == classes
-    assert np.allclose(probs.to_numpy().sum(axis=1), 1.0, atol=1e-4)
-    assert np.array_equal(probs.to_numpy().argmax(axis=1), pd.Index(classes).get_indexer(m.obs["scpermut_label"]))
+    probs = m.obsm["scpermut_probabilities"]  # columns in the order of uns["scpermut"]["classes"]
+    assert probs.shape == (m.n_obs, len(classes)) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert np.array_equal(probs.argmax(axis=1), pd.Index(classes).get_indexer(m.obs["scpermut_label"]))
+    assert np.allclose(probs.max(axis=1), m.obs["scpermut_confidence"])
     assert m.uns["scpermut"]["n_genes_found"] == 200 and list(m.uns["scpermut"]["classes"]) == classes
     assert (m.obs["scpermut_label"].astype(str).to_numpy() == truth).mean() > 0.5  # 2 epochs, tiny net: still learns
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.h5ad", "model", "query.h5ad"]
@@ -158,3 +158,20 @@ def test_map_zero_fills_missing_genes_with_a_warning(datasets_dir, tmp_path, ckp
     m = ad.read_h5ad(tmp_path / "o.h5ad")
     assert m.uns["scpermut"]["n_genes_found"] == 170 and m.uns["scpermut"]["genes_matched_by"] == "feature_id"
     assert "30 of 200 model genes are missing" in caplog.text
+
+
+def test_class_names_with_slashes_survive_the_h5ad_round_trip(datasets_dir, tmp_path):
+    import warnings
+
+    from scpermut_dist.mapping import write_h5ad_atomic
+
+    adata = cellbench_sng(datasets_dir)
+    adata.obs["cell_line"] = adata.obs["cell_line"].astype(str) + "/x+"  # like "CD4+/CD25 T Reg"
+    ref = fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=1"))
+    query = adata[:50].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        write_h5ad_atomic(ref.annotate(query), tmp_path / "o.h5ad")
+    m = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert list(m.uns["scpermut"]["classes"]) == ref.classes and ref.classes[0].endswith("/x+")
+    assert set(m.obs["scpermut_label"].astype(str)) <= set(ref.classes)

@@ -167,6 +167,28 @@ def test_streams_a_real_soma_experiment(tmp_path):
     src.close()
 
 
+class FailingSource(AnnDataSource):
+    def read_counts(self, rows):
+        raise DataError("disk on fire")
+
+
+def test_read_errors_surface_and_io_threads_stop():
+    import threading
+
+    bad = FailingSource(grouped_adata(n=3000), SELECTION)
+    ds = PairedCellDataset(bad, SamplingPlan.from_source(bad), batch_size=50, io_batch_cells=700)
+    with pytest.raises(DataError, match="disk on fire"):
+        next(iter(ds))
+    src, plan = source_and_plan()
+    it = iter(PairedCellDataset(src, plan, batch_size=50, io_batch_cells=700, prefetch=1))
+    next(it)
+    it.close()  # consumer gone while the producer is blocked on a full queue
+    alive = [t for t in threading.enumerate() if t.name.startswith("scpermut-loader")]
+    for t in alive:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in alive)
+
+
 def test_bad_configurations_have_clear_errors():
     src, plan = source_and_plan()
     with pytest.raises(DataError, match="io_batch_cells"):
@@ -184,3 +206,24 @@ def test_bad_configurations_have_clear_errors():
     small = PairedCellDataset(src, SamplingPlan.from_source(src, cells=np.arange(100)), batch_size=430,
                               drop_last=False)
     assert [len(b) for b in small] == [100]
+
+
+def test_in_place_normalisation_matches_the_copying_one_bitwise():
+    import scipy.sparse as sp
+
+    x = sp.random(300, 50, density=0.3, format="csr", dtype=np.float32, random_state=1)
+    x.data = np.ceil(x.data * 30)
+    keep = np.ones(300, dtype=np.float32)
+    keep[5] = 0
+    x = sp.csr_matrix(sp.diags(keep) @ x)  # an empty cell keeps zeros
+    x.eliminate_zeros()
+    norm = Normalization(target_sum=1e4)
+    want = norm.apply_csr(x)
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    ref = x.copy()
+    ref.data *= np.repeat(scale, np.diff(ref.indptr)).astype(np.float32)  # the per-value cast formula
+    np.log1p(ref.data, out=ref.data)
+    got = norm.apply_csr(x.copy(), copy=False)
+    assert np.array_equal(want.data, ref.data) and np.array_equal(got.data, want.data)
+    assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.indices, want.indices)

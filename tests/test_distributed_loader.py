@@ -22,6 +22,18 @@ def h5ad_spec(tmp_path_factory):
     return H5adSpec(str(path), SELECTION)
 
 
+@pytest.fixture(scope="module")
+def census_spec(tmp_path_factory):
+    """A Census-shaped SOMA collection (opened through cellxgene_census.open_soma by CensusSpec)."""
+    from loaders.selection import CellSelection
+    from loaders.sources import spec_from_uri
+    from loaders.synth import synthesize_census
+
+    uri = tmp_path_factory.mktemp("census") / "census"
+    synthesize_census(uri, N_CELLS, 30, seed=1, mouse_cells=100)
+    return spec_from_uri(str(uri), CellSelection(label_key="cell_type", batch_keys=("dataset_id", "donor_id")))
+
+
 def make_ds(spec, **kw):
     plan = SamplingPlan.from_source(spec.open(), seed=11, balance=kw.pop("balance", 0.0))
     return PairedCellDataset(spec, plan, batch_size=BATCH, io_batch_cells=IO, **kw)
@@ -61,10 +73,11 @@ def test_two_spawn_workers_same_multiset_as_in_process_and_exact_resume(h5ad_spe
         assert torch.equal(x.cell_n, y.cell_n) and torch.equal(x.x_partner_ng, y.x_partner_ng)
 
 
-def test_rank_and_worker_shards_are_disjoint_and_cover_the_epoch(h5ad_spec):
+def test_rank_and_worker_shards_on_census_store_are_disjoint_and_cover_the_epoch(census_spec):
+    assert type(census_spec).__name__ == "CensusSpec"
     per_rank = []
     for rank in range(2):
-        ds = make_ds(h5ad_spec, rank=rank, world_size=2)
+        ds = make_ds(census_spec, rank=rank, world_size=2)
         per_rank.append([b.cell_n for b in ds.loader(num_workers=2)])
         assert len(per_rank[-1]) == len(ds)
     assert len(per_rank[0]) == len(per_rank[1])

@@ -195,3 +195,16 @@ def test_bad_inputs_have_clear_errors():
     plan = SamplingPlan(labels, batches, chunks)
     with pytest.raises(DataError, match="drop_last"):
         plan.layout(0, batch_size=430, io_batch_cells=1024, world=2)
+
+
+def test_blocks_are_storage_aligned_runs():
+    labels, batches, chunks = grouped_codes(n=3000, chunk=100)
+    cells = np.flatnonzero(np.arange(3000) % 7 != 0)
+    plan = SamplingPlan(labels, batches, chunks, cells=cells, block_cells=32)
+    st = plan.blocks(32)
+    sizes = np.diff(st)
+    assert st[0] == 0 and st[-1] == len(cells) and sizes.min() >= 1 and sizes.max() <= 32
+    assert all(len(np.unique(chunks[cells[lo:hi]])) == 1 for lo, hi in zip(st[:-1], st[1:]))
+    lay = plan.layout(0, 50, 512)
+    pooled = np.concatenate([plan.pool_cells(t, 32) for t in lay.rank_tasks(0)])
+    assert len(np.unique(pooled)) == len(pooled)  # pools partition the selection
