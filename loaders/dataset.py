@@ -1,10 +1,13 @@
 """`PairedCellDataset`: streams normalised (anchor, partner) minibatches from any `CellSource`.
 
-One sorted, de-duplicated `read_counts` call per IO pool (anchors and partners together), done by a
-background thread a bounded number of pools ahead; data stay sparse (CSR) until a second thread
-densifies each minibatch, so the consumer (training) thread only receives ready tensors. Memory is
-bounded by `io_batch_cells` x (`prefetch` + 2) plus a few minibatches, not by the atlas size. A
+One sorted, de-duplicated `read_counts` call per IO pool (anchors and partners together), done by
+`io_threads` background threads a bounded number of pools ahead (pools are read concurrently but
+emitted in order); data stay sparse (CSR) until another thread densifies each minibatch, so the
+consumer (training) thread only receives ready tensors. Memory is bounded by `io_batch_cells` x
+(`prefetch` + `io_threads`) plus a few minibatches, not by the atlas size. A
 selection that fits in one IO pool is read once and cached, so tiny datasets pay no per-epoch IO.
+
+`read_counts` must hand over a fresh matrix (all sources do): it is normalised in place.
 
 State and resume: the stream position is (epoch, minibatches consumed by this rank). Resuming skips
 fully consumed pools without reading them and, for the pool in progress, reads only the rows the
@@ -50,14 +53,14 @@ class PairedCellDataset(IterableDataset):
 
     def __init__(self, source, plan: SamplingPlan, normalization: Normalization | None = None,
                  batch_size: int = 430, label_codes=None, batch_codes=None, io_batch_cells: int = 65536,
-                 prefetch: int = 1, drop_last: bool = True, cache_small: bool = True,
+                 prefetch: int = 1, drop_last: bool = True, cache_small: bool = True, io_threads: int = 1,
                  rank: int | None = None, world_size: int | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1; got {batch_size}.")
         if io_batch_cells < batch_size:
             raise DataError(f"io_batch_cells ({io_batch_cells}) must be >= batch_size ({batch_size}).")
-        if prefetch < 1:
-            raise DataError(f"prefetch must be >= 1 (pools read ahead); got {prefetch}.")
+        if prefetch < 1 or io_threads < 1:
+            raise DataError(f"prefetch and io_threads must be >= 1; got {prefetch}, {io_threads}.")
         is_source = hasattr(source, "read_counts")
         if not is_source and not hasattr(source, "open"):
             raise DataError(f"expected a CellSource or a SourceSpec (with .open()); got {type(source).__name__}.")
@@ -66,10 +69,12 @@ class PairedCellDataset(IterableDataset):
         self.plan = plan
         self.normalization = normalization or Normalization()
         self.batch_size, self.io_batch_cells, self.prefetch = int(batch_size), int(io_batch_cells), int(prefetch)
+        self.io_threads = int(io_threads)
         self.drop_last, self.cache_small = bool(drop_last), bool(cache_small)
         n = len(plan.labels)
-        self.label_codes = np.asarray(plan.labels if label_codes is None else label_codes, dtype=np.int64)
-        self.batch_codes = np.asarray(plan.batches if batch_codes is None else batch_codes, dtype=np.int64)
+        # kept as given (int32 plans: no 8-byte copy per atlas cell); cast to int64 per minibatch
+        self.label_codes = np.asarray(plan.labels if label_codes is None else label_codes)
+        self.batch_codes = np.asarray(plan.batches if batch_codes is None else batch_codes)
         if len(self.label_codes) != n or len(self.batch_codes) != n:
             raise DataError(f"label_codes/batch_codes must have one entry per source cell ({n}).")
         if self._source is not None and self._source.n_cells != n:
@@ -79,6 +84,7 @@ class PairedCellDataset(IterableDataset):
         self._rank, self._world = self._fixed_dist or (0, 1)
         self._epoch, self._step, self._num_workers = 0, 0, 1
         self._cache: tuple[np.ndarray, object] | None = None
+        self._cache_lock = threading.Lock()
         self._layout_cache: EpochLayout | None = None
         self._resolve_dist()
         self._layout(0)  # validate sizes now: a bad batch_size fails at construction, not mid-training
@@ -157,39 +163,62 @@ class PairedCellDataset(IterableDataset):
     def _read(self, source, rows: np.ndarray):
         """Normalised CSR of `rows` (in place: `read_counts` hands over a fresh matrix)."""
         if self.cache_small and len(self.plan.cells) <= self.io_batch_cells:
-            if self._cache is None:
-                cells = self.plan.cells
-                self._cache = (cells, self.normalization.apply_csr(source.read_counts(cells), copy=False))
+            with self._cache_lock:  # several IO threads: read the tiny selection once
+                if self._cache is None:
+                    cells = self.plan.cells
+                    self._cache = (cells, self.normalization.apply_csr(source.read_counts(cells), copy=False))
             cells, x = self._cache
             return x[np.searchsorted(cells, rows)]
         return self.normalization.apply_csr(source.read_counts(rows), copy=False)
 
-    def _produce(self, work, out: queue.Queue, stop: threading.Event, epoch: int) -> None:
+    def _load(self, source, epoch: int, task, first: int):
+        """Draw one pool and read + normalise the rows its remaining minibatches need (an IO thread)."""
+        draw = self.plan.draw(epoch, task, self.io_batch_cells)
+        rows = draw.rows_for_steps(first)
+        return draw, first, rows, self._read(source, rows)
+
+    def _pipeline(self, work, out: queue.Queue, stop: threading.Event, epoch: int) -> None:
+        """Read pools on `io_threads` threads (each pool still ONE sorted read, kept in stream order) and
+        densify their minibatches here, off the consumer's thread. At most prefetch + 2 pools live."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        executor = ThreadPoolExecutor(self.io_threads, thread_name_prefix="scpermut-loader-io")
+        pending: deque = deque()
+        todo = iter(work)
+
+        def submit_next() -> None:
+            item = next(todo, None)
+            if item is not None:
+                pending.append(executor.submit(self._load, source, epoch, *item))
+
         try:
             source = self._open()
-            for task, first in work:
-                draw = self.plan.draw(epoch, task, self.io_batch_cells)
-                rows = draw.rows_for_steps(first)
-                if not _put(out, (draw, first, rows, self._read(source, rows)), stop):
-                    return
+            for _ in range(self.prefetch + self.io_threads - 1):
+                submit_next()
+            while pending and not stop.is_set():
+                draw, first, rows, x = pending.popleft().result()
+                submit_next()
+                for k in range(first, len(draw.bounds) - 1):
+                    if not _put(out, self._minibatch(draw, k, rows, x), stop):
+                        return
+                del draw, rows, x
             _put(out, _END, stop)
         except BaseException as exc:  # surfaced in the consumer thread
             _put(out, exc, stop)
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def __iter__(self):
         self._resolve_dist()
         self._normalise_position()
         main = not in_worker_process()
         epoch, work = self._epoch, self._my_work()
-        pools: queue.Queue = queue.Queue(maxsize=self.prefetch)
         batches: queue.Queue = queue.Queue(maxsize=ASSEMBLED_AHEAD)
         stop = threading.Event()
-        threads = [threading.Thread(target=self._produce, args=(work, pools, stop, epoch), daemon=True,
-                                    name="scpermut-loader-io"),
-                   threading.Thread(target=self._assemble, args=(pools, batches, stop), daemon=True,
-                                    name="scpermut-loader-assemble")]
-        for t in threads:
-            t.start()
+        thread = threading.Thread(target=self._pipeline, args=(work, batches, stop, epoch), daemon=True,
+                                  name="scpermut-loader-assemble")
+        thread.start()
         try:
             while True:
                 item = batches.get()
@@ -204,26 +233,7 @@ class PairedCellDataset(IterableDataset):
                 self._normalise_position()
         finally:
             stop.set()
-            for t in threads:
-                t.join(timeout=30)
-
-    def _assemble(self, pools: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
-        """Densify minibatches off the consumer's thread (scipy/torch release the GIL for the copies)."""
-        try:
-            while not stop.is_set():
-                try:
-                    item = pools.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _END or isinstance(item, BaseException):
-                    _put(out, item, stop)
-                    return
-                draw, first, rows, x = item
-                for k in range(first, len(draw.bounds) - 1):
-                    if not _put(out, self._minibatch(draw, k, rows, x), stop):
-                        return
-        except BaseException as exc:
-            _put(out, exc, stop)
+            thread.join(timeout=60)
 
     def _minibatch(self, draw: PoolDraw, k: int, rows: np.ndarray, x) -> PairedBatch:
         lo, hi = draw.bounds[k], draw.bounds[k + 1]
@@ -233,17 +243,22 @@ class PairedCellDataset(IterableDataset):
             x_partner_ng = x_ng  # no permutation in this minibatch: share the tensor (treat as read-only)
         else:
             x_partner_ng = torch.from_numpy(x[np.searchsorted(rows, p)].toarray())
-        return PairedBatch(x_ng=x_ng, x_partner_ng=x_partner_ng, label_n=torch.from_numpy(self.label_codes[a]),
-                           batch_n=torch.from_numpy(self.batch_codes[a]), cell_n=torch.from_numpy(a.copy()))
+        return PairedBatch(x_ng=x_ng, x_partner_ng=x_partner_ng, label_n=torch.from_numpy(self.label_codes[a].astype(np.int64)),
+                           batch_n=torch.from_numpy(self.batch_codes[a].astype(np.int64)), cell_n=torch.from_numpy(a.copy()))
 
     def __getstate__(self) -> dict:
         self._resolve_dist()  # pickled in the main process (DataLoader spawn): carry rank/world to workers
         state = self.__dict__.copy()
         state["_cache"] = None
+        state["_cache_lock"] = None
         state["_layout_cache"] = None
         if self._spec is not None:
             state["_source"] = None  # reopened lazily in each worker
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
 
 class PairedLoader:

@@ -82,15 +82,13 @@ def _write(tmp: Path, obs: pd.DataFrame, var: pd.DataFrame, reader, chunk: int, 
                                         domain=[(0, g - 1)])
         x_arr = rna.add_new_collection("X").add_new_sparse_ndarray("raw", type=pa.float32(), shape=(n, g),
                                                                    platform_config=x_platform_config())
-    with reopen_for_write(var_arr) as var_w:
+    with reopen_for_write(var_arr, _categories(var)) as var_w:
         var_w.write(var_table)
     total = 0
-    starts = range(0, n, chunk)
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="ingest", unit="chunk")
-    with reopen_for_write(obs_arr) as obs_w, reopen_for_write(x_arr) as x_w:
+    starts = tqdm(range(0, n, chunk), desc="ingest", unit="chunk", disable=not progress)
+    with reopen_for_write(obs_arr, _categories(obs)) as obs_w, reopen_for_write(x_arr) as x_w:
         for start in starts:
             stop = min(start + chunk, n)
             x = reader.read(np.arange(start, stop))
@@ -128,6 +126,11 @@ def _var_frame(var: pd.DataFrame) -> pd.DataFrame:
         if str(col) not in out.columns:
             out[str(col)] = _storable(var[col].reset_index(drop=True))
     return out
+
+
+def _categories(df: pd.DataFrame) -> dict[str, list[str]]:
+    return {str(c): [str(v) for v in df[c].cat.categories] for c in df.columns
+            if isinstance(df[c].dtype, pd.CategoricalDtype)}
 
 
 def _arrow_schema(df: pd.DataFrame) -> pa.Schema:

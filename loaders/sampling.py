@@ -199,7 +199,9 @@ class SamplingPlan:
         `steps` does not depend on the epoch. With drop_last, a pool emits at most the whole
         minibatches its expected anchor count fills (so a natural-frequency epoch repeats no cell),
         which costs up to one minibatch per pool: steps = total // (world * batch_size) - pools per rank
-        when pools are made of blocks (< batch_size / io_batch_cells of an epoch).
+        when pools are made of blocks (< batch_size / io_batch_cells of an epoch). Without drop_last
+        every cell counts: quotas are rounded to whole minibatches per pool (with several pools a few
+        cells may then be drawn twice or skipped) and each rank's last minibatch may be short.
         """
         if batch_size < 1 or io_batch_cells < 1 or world < 1:
             raise DataError("batch_size, io_batch_cells and world size must all be >= 1.")

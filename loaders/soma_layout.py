@@ -17,17 +17,33 @@ def x_platform_config(zstd_level: int = 5) -> dict:
     }}}
 
 
-def reopen_for_write(handle):
-    """Close a handle made through a Collection and reopen it for writing at the current time.
+def reopen_for_write(handle, enumerations: dict | None = None):
+    """Close a handle made through a Collection and reopen it for writing at a later timestamp,
+    optionally declaring every category of dictionary columns up front.
 
-    Handles created through a Collection carry the collection's open timestamp; enumeration
-    (categorical) extensions written through them are not visible to later readers (tiledbsoma 2.3).
+    tiledbsoma records a schema evolution (at the write handle's timestamp) each time a write adds
+    category values; several evolutions with the same timestamp make readers pick one arbitrarily
+    (seen as "Index N out of bounds" when reading). Declaring all categories once avoids that, and
+    waiting for the clock to pass the creation timestamp keeps the evolution strictly newer.
     """
+    import time
+
+    import pyarrow as pa
     import tiledbsoma as soma
 
-    uri, cls = handle.uri, type(handle)
+    uri, cls, created_ms = handle.uri, type(handle), handle.tiledb_timestamp_ms
     handle.close()
-    return soma.open(uri, "w", soma_type=cls)
+    while time.time_ns() // 1_000_000 <= created_ms:
+        time.sleep(0.001)
+    out = soma.open(uri, "w", soma_type=cls)
+    if enumerations:
+        out.extend_enumeration_values({k: pa.array(list(v), pa.large_string()) for k, v in enumerations.items()},
+                                      deduplicate=True)
+        out.close()  # reopen so writes run at a timestamp after the (single) evolution
+        while time.time_ns() // 1_000_000 <= out.tiledb_timestamp_ms:
+            time.sleep(0.001)
+        out = soma.open(uri, "w", soma_type=cls)
+    return out
 
 
 TILE = 2048

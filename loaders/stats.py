@@ -3,7 +3,8 @@
 Atlas references cannot be loaded into memory to run scanpy, so the quantities scanpy's
 `highly_variable_genes(flavor="seurat", batch_key=...)` needs (per-batch mean and variance of the
 CP10k-normalised counts) are accumulated IO batch by IO batch. Memory is O(n_batches x n_genes),
-independent of the number of cells (~44 bytes per gene per batch).
+independent of the number of cells (48 bytes per gene per batch: 2,000 batches x 60k genes
+would need ~5.8 GB, so keep Census batch keys coarse enough or restrict genes first).
 """
 from __future__ import annotations
 

@@ -46,19 +46,18 @@ def write_experiment(data, key: str, design, *, chunk_cells: int, normalized: bo
     names = ["raw", "normalized"] if normalized else ["raw"]
     layers = {name: xs.add_new_sparse_ndarray(name, type=pa.float32(), shape=(n, g), platform_config=x_config)
               for name in names}
-    obs = reopen_for_write(obs)
+    obs = reopen_for_write(obs, {col: cats for col, (_, cats, _) in levels.items()})
     layers = {name: reopen_for_write(arr) for name, arr in layers.items()}
     gene_nnz = np.zeros(g, dtype=np.int64)
     cat_counts = {c: (np.zeros(len(levels[c][1]), np.int64), np.zeros(len(levels[c][1]), np.int64))
                   for c in SUMMARY_CATEGORIES}
-    chunks = _chunks(design, levels, chunk_cells)
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc=f"synth {key}", unit="chunk", total=-(-n // chunk_cells))
+    bar = tqdm(total=n, desc=f"synth {key}", unit="cells", unit_scale=True, disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as writer:  # write chunk k while chunk k+1 is generated
         pending = None
-        for start, cols, x in chunks:
+        for start, cols, x in _chunks(design, levels, chunk_cells):
+            bar.update(x.shape[0])
             gene_nnz += np.bincount(x.indices, minlength=g)
             for c in SUMMARY_CATEGORIES:
                 codes = cols[c][0]
@@ -69,6 +68,7 @@ def write_experiment(data, key: str, design, *, chunk_cells: int, normalized: bo
             pending = writer.submit(_write_chunk, obs, layers, to_arrow(cols, schema), x, start, cols["raw_sum"])
         if pending is not None:
             pending.result()
+    bar.close()
     obs.close()
     for arr in layers.values():
         arr.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from loaders.synth_vocab import ASSAYS, CELL_TYPES, DEV_STAGES, DISEASES, ETHNICITIES, RARE_TYPES, SEXES, TISSUES
+from loaders.synth_vocab import ASSAYS, CELL_TYPES, DEV_STAGES, ETHNICITIES, RARE_TYPES, SEXES, TISSUES
 
 PHI = (np.sqrt(5.0) - 1.0) / 2.0  # Weyl step: types follow dataset composition with low discrepancy
 DEFAULT_RARE = (0.0004, 0.0008, 0.003, 0.006)  # two types < 0.1 %, two in 0.1-1 % (plus the power-law tail)

@@ -8,7 +8,8 @@
 Honesty: one generated data set (fixed data seed), one stratified reference/query split, the same
 training seeds and the same config for every variant except the one key under test. The query
 split holds cells of every batch, so its latent can be scored for mixing; its labels are used only
-to score. "Rare" = types with < 1 % of the reference cells.
+to score. "Rare" = types with < 1 % of the reference cells and at least one query cell; per size bin
+(reference frequency < 0.1 %, 0.1-1 %, ...) the mean F1 of the bin's types is reported too.
 """
 from __future__ import annotations
 
@@ -84,18 +85,24 @@ def split_query(labels: np.ndarray, fraction: float = 0.25, seed: int = 0) -> np
     return mask
 
 
-def run_variant(ref: ad.AnnData, query: ad.AnnData, truth: np.ndarray, config, rare: list[str], quiet: bool) -> dict:
-    """Train one variant on the reference, map the query, score it."""
+def run_variant(ref: ad.AnnData, query: ad.AnnData, truth: np.ndarray, config, rare: list[str],
+                freq: dict[str, float], quiet: bool) -> dict:
+    """Train one variant on the reference, map the query, score it (`rare`: types scored as rare)."""
     from scpermut_dist.api import fit
 
     t0 = time.perf_counter()
     model = fit(ref, label_key=LABEL, batch_key=BATCH, config=config, quiet=quiet)
     res = model.map(query)
-    m = metrics.classification_metrics(truth, np.asarray(res.labels).astype(str))
+    pred = np.asarray(res.labels).astype(str)
+    m = metrics.classification_metrics(truth, pred)
+    bins = metrics.size_bin_metrics(truth, pred, freq)
     lat = np.asarray(res.latent)
     return {
         "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"], "per_class_f1": m["per_class_f1"],
-        "rare_f1_mean": float(np.mean([m["per_class_f1"].get(c, 0.0) for c in rare])) if rare else float("nan"),
+        "rare_f1_mean": float(np.mean([m["per_class_f1"][c] for c in rare])) if rare else float("nan"),
+        "bin_0.1-1%_f1": bins["0.1-1%"]["macro_f1_of_types"] if "0.1-1%" in bins else float("nan"),
+        "size_bin_f1": {b: v["macro_f1_of_types"] for b, v in bins.items()},
+        "size_bin_balanced_accuracy": {b: v["balanced_accuracy"] for b, v in bins.items()},
         "query_batch_entropy": metrics.batch_mixing_entropy(lat, query.obs[BATCH].to_numpy()),
         "query_silhouette_label": metrics.silhouette_by_label(lat, truth),
         "seconds": time.perf_counter() - t0,
@@ -117,6 +124,7 @@ def compare(runs: list[dict]) -> dict:
 
     return {
         "focal_vs_ce_rare_f1": paired("focal_dann", "ce_dann", "rare_f1_mean"),
+        "focal_vs_ce_bin_0.1-1%_f1": paired("focal_dann", "ce_dann", "bin_0.1-1%_f1"),
         "focal_vs_ce_balanced_accuracy": paired("focal_dann", "ce_dann", "balanced_accuracy"),
         "dann_vs_no_dann_batch_entropy": paired("focal_dann", "focal_no_dann", "query_batch_entropy"),
         "dann_vs_no_dann_silhouette": paired("focal_dann", "focal_no_dann", "query_silhouette_label"),
@@ -146,7 +154,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     query = query_full.copy()
     query.obs = query.obs.drop(columns=[LABEL])
     freq = metrics.reference_class_freq(ref.obs[LABEL].astype(str).to_numpy())
-    rare = sorted(c for c, f in freq.items() if f < 0.01)
+    rare = sorted(c for c, f in freq.items() if f < 0.01 and (truth == c).any())  # scorable rare types
 
     runs = []
     bar = tqdm(total=len(seeds) * len(VARIANTS), desc="ablation", disable=not progress)
@@ -154,7 +162,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
         for variant, cfg in configs.items():
             bar.set_postfix_str(f"seed {seed}: {variant}")
             cfg_s = cfg.apply_overrides([f"train.seed={seed}"])
-            r = run_variant(ref, query, truth, cfg_s, rare, quiet=not progress)
+            r = run_variant(ref, query, truth, cfg_s, rare, freq, quiet=not progress)
             runs.append({"variant": variant, "seed": seed, **r})
             bar.update(1)
     bar.close()
@@ -189,9 +197,11 @@ def _write_json_atomic(out_dir: Path, name: str, obj: dict) -> None:
 
 def format_table(report: dict) -> str:
     c = report["comparisons"]
-    lines = [f"rare types (< 1 % of reference): {report['dataset']['rare_types']} "
-             f"(query cells: {report['dataset']['query_cells_per_rare_type']}); seeds {report['seeds']}"]
+    n_q = list(report["dataset"]["query_cells_per_rare_type"].values())
+    lines = [f"{len(n_q)} rare types (< 1 % of reference; {min(n_q, default=0)}-{max(n_q, default=0)} query cells "
+             f"each); seeds {report['seeds']}"]
     rows = [("rare-type F1 (mean)", "focal_vs_ce_rare_f1", "focal", "CE"),
+            ("0.1-1% bin F1 (mean)", "focal_vs_ce_bin_0.1-1%_f1", "focal", "CE"),
             ("balanced accuracy", "focal_vs_ce_balanced_accuracy", "focal", "CE"),
             ("query batch entropy", "dann_vs_no_dann_batch_entropy", "DANN", "no DANN"),
             ("query silhouette (type)", "dann_vs_no_dann_silhouette", "DANN", "no DANN"),

@@ -32,7 +32,7 @@ def test_query_split_is_stratified_and_keeps_every_type_in_the_reference():
 def test_comparisons_are_paired_by_seed():
     runs = []
     for seed, (f, ce, e_d, e_nd) in enumerate([(0.8, 0.6, 0.9, 0.5), (0.7, 0.75, 0.8, 0.6)]):
-        base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "seed": seed}
+        base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "bin_0.1-1%_f1": 0.5, "seed": seed}
         runs += [{"variant": "focal_dann", "rare_f1_mean": f, "query_batch_entropy": e_d, **base},
                  {"variant": "ce_dann", "rare_f1_mean": ce, "query_batch_entropy": e_d, **base},
                  {"variant": "focal_no_dann", "rare_f1_mean": f, "query_batch_entropy": e_nd, **base}]
@@ -51,8 +51,10 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
     assert set(report) >= {"dataset", "variants", "seeds", "runs", "comparisons"}
     assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
     for r in report["runs"]:
-        assert {"balanced_accuracy", "macro_f1", "per_class_f1", "rare_f1_mean", "query_batch_entropy",
-                "query_silhouette_label", "seconds"} <= set(r)
+        assert {"balanced_accuracy", "macro_f1", "per_class_f1", "rare_f1_mean", "bin_0.1-1%_f1", "size_bin_f1",
+                "query_batch_entropy", "query_silhouette_label", "seconds"} <= set(r)
+        assert all(c in r["per_class_f1"] for c in report["dataset"]["rare_types"])
+    assert all(n >= 1 for n in report["dataset"]["query_cells_per_rare_type"].values())
     assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
     assert report["dataset"]["rare_types"]
     assert "loss.dann_w=0" in report["variants"]["focal_no_dann"]

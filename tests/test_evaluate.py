@@ -141,3 +141,15 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(kang_small, tmp_path, 
                 "--out", str(tmp_path), "--methods", "knn_pca", "--quiet") == 2
     assert "not an earlier report" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_plots_write_pngs_and_fall_back_to_pca_for_tiny_latents(tmp_path):
+    from scpermut_dist import plots
+
+    z = np.random.default_rng(0).normal(size=(6, 4))
+    how = plots.latent_views(z, list("aabbcc"), list("xyxyxy"), tmp_path / "l.png", is_query=[0, 0, 0, 1, 1, 1])
+    assert how == "PCA" and (tmp_path / "l.png").stat().st_size > 1000
+    plots.confusion_matrices({"m": (np.array(["a", "b"]), np.array(["a", "c"]))}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    cm = plots._row_normalised(["a", "a", "b"], ["a", "b", "b"], ["a", "b"], ["a", "b"])
+    assert np.allclose(cm, [[0.5, 0.5], [0.0, 1.0]])

@@ -110,7 +110,7 @@ def test_determinism_and_per_epoch_reshuffle():
     c = collect(SamplingPlan(labels, batches, chunks, seed=7), epoch=3)
     d = collect(SamplingPlan(labels, batches, chunks, seed=8), epoch=2)
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], d[0])
-    assert np.array_equal(np.sort(a[0]), np.sort(c[0])) is False or len(a[0]) == len(c[0])
+    assert len(a[0]) == len(c[0])  # same epoch length, different order
 
 
 @pytest.mark.parametrize("world", [2, 3])

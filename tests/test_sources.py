@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 
-import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp

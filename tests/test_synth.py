@@ -112,17 +112,17 @@ def test_cell_type_frequencies_and_sparsity():
 
 
 def test_types_are_learnable_and_batches_shift_expression():
-    from sklearn.linear_model import LogisticRegression
-
     a = synthesize_anndata(4000, 400, seed=2, n_batches=3)
     x = a.X.toarray()
     x = np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
     y = a.obs["cell_type"].astype(str).to_numpy()
     common = a.obs["cell_type"].value_counts()
-    keep = np.isin(y, common[common >= 30].index)
+    classes = np.array(common[common >= 30].index, dtype=str)
     train = np.arange(len(y)) % 2 == 0
-    clf = LogisticRegression(max_iter=300).fit(x[keep & train], y[keep & train])
-    assert clf.score(x[keep & ~train], y[keep & ~train]) > 0.8
+    test = ~train & np.isin(y, classes)
+    centroids = np.stack([x[train & (y == c)].mean(axis=0) for c in classes])
+    dist = ((x[test][:, None, :] - centroids[None]) ** 2).sum(axis=2)
+    assert (classes[dist.argmin(axis=1)] == y[test]).mean() > 0.8  # a nearest-centroid rule already works
     # the same cell type differs between batches (multiplicative gene-wise shifts)
     t = common.index[0]
     means = [x[(y == t) & (a.obs["batch"] == b).to_numpy()].mean(axis=0) for b in a.obs["batch"].cat.categories]

@@ -22,9 +22,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label-key", default="cell_type")
     p.add_argument("--batch-keys", default="dataset_id", help="comma-separated obs columns defining the batch")
     p.add_argument("--obs-filter", help="obs value filter, e.g. \"is_primary_data == True\"")
+    p.add_argument("--tsml-batch-size", type=int,
+                   help="tiledbsoma-ml minibatch size (default: --batch-size; its own default is 1)")
     p.add_argument("--io-batch-cells", type=int, default=65536, help="our IO pool size")
     p.add_argument("--block-cells", type=int, default=256, help="our shuffle block size")
-    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--prefetch", type=int, default=1, help="IO pools read ahead")
+    p.add_argument("--io-threads", type=int, default=1, help="pools read concurrently (each still one read)")
+    p.add_argument("--tiledb-mem-budget-mb", type=int, default=256,
+                   help="our TileDB reader memory budget (sm.mem.total_budget); 0 = TileDB's default (10 GiB)")
     p.add_argument("--balance", type=float, default=0.0)
     p.add_argument("--sweep", default="", help="extra (block x pool) settings for ours, e.g. 64x65536,2048x65536")
     p.add_argument("--compare-rss", metavar="STORE2", help="also stream --cells from STORE2 and compare peak RSS")
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(store=args.store, cells=args.cells, batch_size=args.batch_size, genes_first=args.genes_first,
                       label_key=args.label_key, batch_keys=tuple(k.strip() for k in args.batch_keys.split(",") if k.strip()),
                       obs_filter=args.obs_filter, io_batch_cells=args.io_batch_cells, block_cells=args.block_cells,
-                      prefetch=args.prefetch, balance=args.balance)
+                      prefetch=args.prefetch, io_threads=args.io_threads, balance=args.balance,
+                      tiledb_mem_budget_mb=args.tiledb_mem_budget_mb or None, tsml_batch_size=args.tsml_batch_size)
     loaders = (args.only,) if args.only else ("ours", "tiledbsoma-ml")
     report = compare(cfg, sweep=sweep, rss_store=args.compare_rss, loaders=loaders)
     report["targets"] = TARGETS
