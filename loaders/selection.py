@@ -12,8 +12,9 @@ import pandas as pd
 
 from loaders.errors import DataError
 
-LABEL_COL = "label"  # standardised obs column: cell type as str, <NA> when unlabelled
-BATCH_COL = "batch"  # standardised obs column: combined batch id as str
+LABEL_COL = "label"  # standardised obs column: cell type (categorical of str), <NA> when unlabelled
+BATCH_COL = "batch"  # standardised obs column: combined batch id (categorical of str)
+# Categorical, not object strings: obs of 10^8 cells must stay small in every worker.
 UNLABELED_DEFAULTS = ("unlabeled", "Unlabeled", "unknown", "Unknown", "nan", "NaN", "")
 
 
@@ -48,17 +49,17 @@ def standardize_obs(obs: pd.DataFrame, selection: CellSelection, where: str) -> 
         labels = raw.astype("string")
         unlabeled = set(selection.unlabeled_values)
         is_unlabeled = raw.isna() | labels.isin(list(unlabeled))
-        out[LABEL_COL] = labels.mask(is_unlabeled, pd.NA)
+        out[LABEL_COL] = labels.mask(is_unlabeled, pd.NA).astype("category")
     else:
-        out[LABEL_COL] = pd.Series(pd.NA, index=out.index, dtype="string")
+        out[LABEL_COL] = pd.Series(pd.NA, index=out.index, dtype="string").astype("category")
     if selection.batch_keys:
         parts = [out[k].astype("string").fillna("NA") for k in selection.batch_keys]
         batch = parts[0]
         for p in parts[1:]:
             batch = batch + "+" + p
-        out[BATCH_COL] = batch
+        out[BATCH_COL] = batch.astype("category")
     else:
-        out[BATCH_COL] = pd.Series("all", index=out.index, dtype="string")
+        out[BATCH_COL] = pd.Series("all", index=out.index, dtype="string").astype("category")
     return out
 
 
