@@ -37,7 +37,7 @@ class BenchConfig:
     block_cells: int = 256
     prefetch: int = 1
     io_threads: int = 1
-    tsml_batch_size: int | None = None  # tiledbsoma-ml minibatch size (None = batch_size; its own default is 1)
+    tsml_batch_size: int | None = None  # tiledbsoma-ml minibatch size (None = its own default, 1)
     tiledb_mem_budget_mb: int | None = 256  # TileDB reader budget (sm.mem.total_budget); None = TileDB default
     balance: float = 0.0
     seed: int = 0
@@ -94,7 +94,8 @@ def run_ours(cfg: BenchConfig) -> dict:
     from loaders.sources import spec_from_uri
 
     t0 = time.perf_counter()
-    tiledb_config = {"sm.mem.total_budget": str(cfg.tiledb_mem_budget_mb * 2**20)} if cfg.tiledb_mem_budget_mb else None
+    budget_mb = cfg.tiledb_mem_budget_mb or 10240  # 0/None: TileDB's own default (10 GiB)
+    tiledb_config = {"sm.mem.total_budget": str(budget_mb * 2**20)}
     source = spec_from_uri(cfg.store, _selection(cfg), tiledb_config=tiledb_config).open()
     plan = SamplingPlan.from_source(source, balance=cfg.balance, seed=cfg.seed, cells_per_epoch=cfg.cells,
                                     block_cells=cfg.block_cells)
@@ -162,7 +163,7 @@ def run_tiledbsoma_ml(cfg: BenchConfig) -> dict:
     obs_q = tiledbsoma.AxisQuery(value_filter=cfg.obs_filter) if cfg.obs_filter else tiledbsoma.AxisQuery()
     keys = list(cfg.batch_keys)
     with exp.axis_query("RNA", obs_query=obs_q, var_query=var_q) as query:
-        bs = cfg.tsml_batch_size or cfg.batch_size
+        bs = cfg.tsml_batch_size or 1
         ds = tiledbsoma_ml.ExperimentDataset(query, layer_name="raw", obs_column_names=["soma_joinid", *keys],
                                              batch_size=bs, seed=cfg.seed)  # other options: its defaults
         setup_s, rss_setup = time.perf_counter() - t0, _rss_mb()
@@ -183,7 +184,7 @@ def run_tiledbsoma_ml(cfg: BenchConfig) -> dict:
             "cpu_s": cpu_s, "cells_per_cpu_s": n / cpu_s, "peak_rss_mb": peak, "rss_after_setup_mb": rss_setup, "batch_entropy_ratio": ratio,
             "n_cells_store": int(len(all_obs)), "x_shape": list(np.shape(x)),
             "batch_size": bs, "options": "its defaults (io_batch_size=65536, shuffle_chunk_size=64, shuffle=True, "
-                                         "use_eager_fetch=True, dense X) except batch_size"}
+                                         "use_eager_fetch=True, dense X)" + ("" if bs == 1 else f" except batch_size={bs}")}
 
 
 def _combine(obs, keys: list[str]) -> np.ndarray:
@@ -223,19 +224,30 @@ def warm_page_cache(store: str, max_bytes: int | None = None) -> int:
     return total
 
 
+LOADERS = ("ours", "tiledbsoma-ml", "tiledbsoma-ml-matched")
+
+
+def loader_config(cfg: BenchConfig, name: str) -> BenchConfig:
+    """"tiledbsoma-ml": its defaults (minibatch of 1 cell); "-matched": our minibatch size, a stricter baseline."""
+    if name == "tiledbsoma-ml-matched":
+        return replace(cfg, loader="tiledbsoma-ml", tsml_batch_size=cfg.batch_size)
+    return replace(cfg, loader=name)
+
+
 def compare(cfg: BenchConfig, sweep: list[tuple[int, int]] = (), rss_store: str | None = None,
-            loaders: tuple[str, ...] = ("ours", "tiledbsoma-ml"), log=print) -> dict:
+            loaders: tuple[str, ...] = LOADERS, log=print) -> dict:
     """Run each loader on the same store, plus optional block/pool sweeps and a second-store RSS check."""
     report: dict = {"config": asdict(cfg), "load_average_at_start": list(os.getloadavg()), "results": {}}
     if os.path.isdir(cfg.store):
         report["page_cache_warmed_bytes"] = warm_page_cache(cfg.store)
     for name in loaders:
         log(f"[bench] {name} ...")
-        report["results"][name] = run_in_subprocess(replace(cfg, loader=name))
+        report["results"][name] = run_in_subprocess(loader_config(cfg, name))
     res = report["results"]
-    if "ours" in res and "tiledbsoma-ml" in res:
-        report["ratio_cells_per_s"] = res["ours"]["cells_per_s"] / res["tiledbsoma-ml"]["cells_per_s"]
-        report["ratio_cells_per_cpu_s"] = res["ours"]["cells_per_cpu_s"] / res["tiledbsoma-ml"]["cells_per_cpu_s"]
+    for base, suffix in (("tiledbsoma-ml", ""), ("tiledbsoma-ml-matched", "_matched_batch")):
+        if "ours" in res and base in res:
+            report["ratio_cells_per_s" + suffix] = res["ours"]["cells_per_s"] / res[base]["cells_per_s"]
+            report["ratio_cells_per_cpu_s" + suffix] = res["ours"]["cells_per_cpu_s"] / res[base]["cells_per_cpu_s"]
     report["sweep"] = []
     for block, pool in sweep:
         log(f"[bench] ours block_cells={block} io_batch_cells={pool} ...")

@@ -39,39 +39,10 @@ FULL = {"n_cells": 20000, "n_genes": 2000, "seeds": [0, 1, 2],
 
 
 def make_dataset(n_cells: int, n_genes: int, seed: int = 0) -> ad.AnnData:
-    """Imbalanced, batch-affected counts: `loaders.synth` when present, else a small built-in generator."""
-    try:
-        from loaders.synth import synthesize_anndata
-    except ImportError:
-        return _builtin_synth(n_cells, n_genes, seed)
+    """Imbalanced, batch-affected counts from the project's Census-like generator (rare types of 0.1-1 %)."""
+    from loaders.synth import synthesize_anndata
+
     return synthesize_anndata(n_cells, n_genes, seed=seed)
-
-
-def _builtin_synth(n_cells: int, n_genes: int, seed: int, n_batches: int = 4) -> ad.AnnData:
-    """8 common types (power law) + 4 rare sub-types (0.2-0.9 %) that differ from a parent in few genes."""
-    import pandas as pd
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed)
-    common = 1.0 / np.arange(1, 9) ** 1.2
-    rare_frac = np.array([0.002, 0.004, 0.006, 0.009])
-    freq = np.r_[common / common.sum() * (1 - rare_frac.sum()), rare_frac]
-    names = [f"type{i}" for i in range(8)] + [f"rare{i}" for i in range(4)]
-    base = rng.normal(-1.0, 1.5, n_genes)
-    lfc = np.where(rng.random((8, n_genes)) < 0.05, rng.normal(0, 1.5, (8, n_genes)), 0.0)
-    parent = rng.choice(8, 4)
-    rare_lfc = lfc[parent] + np.where(rng.random((4, n_genes)) < 0.01, rng.normal(0, 1.5, (4, n_genes)), 0.0)
-    type_mu = base + np.vstack([lfc, rare_lfc])
-    batch_lfc = rng.normal(0, 0.4, (n_batches, n_genes))
-    t = rng.choice(len(names), n_cells, p=freq)
-    b = rng.integers(0, n_batches, n_cells)
-    lib = rng.lognormal(np.log(3000), 0.4, n_cells) * np.exp(rng.normal(0, 0.3, n_batches))[b]
-    mu = np.exp(type_mu[t] + batch_lfc[b])
-    mu = mu / mu.sum(axis=1, keepdims=True) * lib[:, None]
-    counts = rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)  # NB with dispersion 0.2
-    obs = pd.DataFrame({LABEL: np.asarray(names)[t], BATCH: [f"batch{i}" for i in b]},
-                       index=[f"cell{i}" for i in range(n_cells)])
-    return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)]))
 
 
 def split_query(labels: np.ndarray, fraction: float = 0.25, seed: int = 0) -> np.ndarray:
@@ -167,7 +138,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
             bar.update(1)
     bar.close()
     report = {
-        "dataset": {"generator": _generator_name(), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
+        "dataset": {"generator": "loaders.synth.synthesize_anndata", "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
                     "n_ref": int(ref.n_obs), "n_query": int(query.n_obs), "class_freq_ref": freq,
                     "rare_types": rare, "query_cells_per_rare_type": {c: int((truth == c).sum()) for c in rare},
                     "batches": sorted(map(str, adata.obs[BATCH].unique()))},
@@ -176,14 +147,6 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     }
     _write_json_atomic(Path(out_dir), "ablation.json", report)
     return report
-
-
-def _generator_name() -> str:
-    try:
-        import loaders.synth  # noqa: F401
-        return "loaders.synth.synthesize_anndata"
-    except ImportError:
-        return "scpermut_dist.ablation._builtin_synth"
 
 
 def _write_json_atomic(out_dir: Path, name: str, obj: dict) -> None:

@@ -245,6 +245,9 @@ def test_bench_loader_cli_writes_both_loaders_numbers(tmp_path):
     assert rc == 0
     rep = json.loads(out.read_text())
     ours, tsml = rep["results"]["ours"], rep["results"]["tiledbsoma-ml"]
+    matched = rep["results"]["tiledbsoma-ml-matched"]
     assert ours["cells"] > 0 and tsml["cells"] == 1500 and rep["ratio_cells_per_s"] > 0
+    assert tsml["batch_size"] == 1 and matched["batch_size"] == 100 and rep["ratio_cells_per_s_matched_batch"] > 0
+    assert 0.5 < matched["batch_entropy_ratio"] < 1.5
     assert ours["partner_same_type_frac"] == 1.0 and 0.0 <= ours["class_balance_tv"] < 0.1
     assert 0.5 < ours["batch_entropy_ratio"] < 1.5 and ours["peak_rss_mb"] > 0

@@ -113,8 +113,12 @@ def test_early_stopping_restores_the_best_weights(prepared):
     snaps = []
     t = _trainer(prep, cfg, train_all, train_lab, validation, [stage], module)
     history = t.fit(on_epoch_end=lambda tr: snaps.append(_snapshot(tr.module)))
-    scores = [r["val_balanced_accuracy"] for r in history]
-    best = int(np.argmax(scores))  # first best: later ties do not count as improvements
+    best = 0
+    for i, r in enumerate(history):  # best = highest balanced accuracy, ties broken by lower balanced NLL
+        b = history[best]
+        if i == 0 or r["val_balanced_accuracy"] > b["val_balanced_accuracy"] or (
+                r["val_balanced_accuracy"] == b["val_balanced_accuracy"] and r["val_balanced_nll"] < b["val_balanced_nll"]):
+            best = i
     assert len(history) == min(12, best + 1 + 2)  # stopped after `patience` epochs without improvement
     final = _snapshot(module)
     assert all(torch.equal(final[k], snaps[best][k]) for k in final)
@@ -190,3 +194,15 @@ def test_stage_length_in_cells_seen(prepared):
                   epochs=50, cells_per_epoch=200, max_cells_seen=700)
     history = _trainer(prep, cfg, train_all, train_lab, validation, [stage], _module(prep, cfg)).fit()
     assert [r["cells"] for r in history] == [200, 200, 200, 200]  # stops once 700 cells were seen
+
+
+def test_validation_nll_breaks_accuracy_ties():
+    from scpermut_dist.trainer import Trainer
+
+    t = Trainer.__new__(Trainer)
+    t._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0}
+    t._best_state, t.module = None, torch.nn.Linear(2, 2)
+    stage = Stage(name="s", trains=["encoder", "classifier"], losses=["clas"], epochs=5, early_stopping=3)
+    for epoch, (ba, nll) in enumerate([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1)]):
+        t._early_stopping_update(stage, epoch, ba, nll)
+    assert t._stage_state["best_epoch"] == 1 and t._stage_state["bad_epochs"] == 2

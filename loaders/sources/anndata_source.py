@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from loaders.errors import DataError
 from loaders.selection import CellSelection, resolve_genes, standardize_obs
+from loaders.sources.base import SizedFromFrames
 
 CHUNK_ROWS = 2048  # same row-block size as Census X tiles, so chunk ids mean the same thing everywhere
 
@@ -29,7 +30,7 @@ def var_with_feature_columns(var: pd.DataFrame) -> pd.DataFrame:
 
 
 @dataclass
-class AnnDataSource:
+class AnnDataSource(SizedFromFrames):
     """Wraps an AnnData whose `X` (or `layer`) holds raw counts."""
 
     adata: ad.AnnData
@@ -64,14 +65,6 @@ class AnnDataSource:
         if matrix is None:
             raise DataError(f"{self.where}: X is empty; pass the layer holding raw counts.")
         self._x = sp.csr_matrix(matrix, dtype=np.float32)
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.var)
 
     def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
         sub = self._x[self._rows[np.asarray(rows, dtype=np.int64)]]

@@ -39,6 +39,21 @@ class CellSource(Protocol):
     def close(self) -> None: ...
 
 
+class SizedFromFrames:
+    """`n_cells`/`n_genes` derived from `obs`/`var`, shared by the concrete sources."""
+
+    obs: pd.DataFrame
+    var: pd.DataFrame
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var)
+
+
 class SourceSpec(Protocol):
     """A picklable recipe that opens a `CellSource` (so DataLoader workers can reopen it after spawn)."""
 

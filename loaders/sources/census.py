@@ -50,12 +50,11 @@ class CensusSpec:
     def _open_census(self):
         import cellxgene_census
 
-        cfg = dict(self.tiledb_config or {})
-        if self.init_buffer_bytes is not None:
-            cfg["soma.init_buffer_bytes"] = int(self.init_buffer_bytes)
+        from loaders.sources.soma import tiledb_config_with_defaults
+
+        cfg = tiledb_config_with_defaults(self.tiledb_config, self.init_buffer_bytes)
         try:
-            return cellxgene_census.open_soma(census_version=self.census_version, uri=self.uri,
-                                              tiledb_config=cfg or None)
+            return cellxgene_census.open_soma(census_version=self.census_version, uri=self.uri, tiledb_config=cfg)
         except Exception as exc:  # cellxgene_census/tiledbsoma raise many types (missing, wrong type, network)
             hint = ""
             if self.uri:

@@ -16,6 +16,7 @@ from loaders.errors import DataError
 from loaders.selection import CellSelection, resolve_genes, standardize_obs
 from loaders.sources.anndata_source import CHUNK_ROWS, AnnDataSource, var_with_feature_columns
 from loaders.validate import check_raw_counts
+from loaders.sources.base import SizedFromFrames
 
 IN_MEMORY_MAX_BYTES = 2 * 1024**3  # files above this size are read row-wise on demand (backed=None)
 GAP_VALUES = 1 << 16  # read through gaps of up to this many stored values rather than issue a new read
@@ -79,7 +80,7 @@ def _open_spec(spec):
     return spec.open()
 
 
-class H5adBackedSource:
+class H5adBackedSource(SizedFromFrames):
     """Rows of an h5ad read on demand; obs/var and the row pointer in memory."""
 
     spec: H5adSpec | None = None
@@ -116,14 +117,6 @@ class H5adBackedSource:
         except BaseException:
             self._file.close()
             raise
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.var)
 
     def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
         x = self._matrix.read(self._rows[np.asarray(rows, dtype=np.int64)])

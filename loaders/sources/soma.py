@@ -16,18 +16,26 @@ import scipy.sparse as sp
 from loaders.errors import DataError
 from loaders.selection import CellSelection, resolve_genes, standardize_obs
 from loaders.sources.anndata_source import CHUNK_ROWS
+from loaders.sources.base import SizedFromFrames
 
 VALIDATE_ROWS = 256  # rows checked for raw counts when opening
+# TileDB's reader budget defaults to 10 GiB: bound it so loader memory is set by configuration, not by the
+# store (measured: same cells/s as the default on a 1M-cell store, ~1.5 GB less peak RSS).
+DEFAULT_TILEDB_CONFIG = {"sm.mem.total_budget": str(256 * 2**20)}
+
+
+def tiledb_config_with_defaults(tiledb_config: dict | None = None, init_buffer_bytes: int | None = None) -> dict:
+    """The user's TileDB settings over our defaults; `soma.init_buffer_bytes` bounds one read's result buffers."""
+    cfg = {**DEFAULT_TILEDB_CONFIG, **(tiledb_config or {})}
+    if init_buffer_bytes is not None:
+        cfg["soma.init_buffer_bytes"] = int(init_buffer_bytes)
+    return cfg
 
 
 def soma_context(tiledb_config: dict | None = None, init_buffer_bytes: int | None = None):
-    """A SOMATileDBContext; `soma.init_buffer_bytes` bounds the memory of one read's result buffers."""
     import tiledbsoma
 
-    cfg = dict(tiledb_config or {})
-    if init_buffer_bytes is not None:
-        cfg["soma.init_buffer_bytes"] = int(init_buffer_bytes)
-    return tiledbsoma.SOMATileDBContext(tiledb_config=cfg)
+    return tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config_with_defaults(tiledb_config, init_buffer_bytes))
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ def open_experiment(uri: str, context=None):
     raise DataError(f"{uri}: is a SOMA {kind}, not an Experiment (keys: {keys[:10]}).{hint}")
 
 
-class SomaExperimentSource:
+class SomaExperimentSource(SizedFromFrames):
     """An open SOMA Experiment restricted to a `CellSelection`."""
 
     spec: SomaExperimentSpec | None = None
@@ -133,14 +141,6 @@ class SomaExperimentSource:
         obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
         std = standardize_obs(obs, selection, self.where)
         return std
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.var)
 
     def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
         rows = np.asarray(rows, dtype=np.int64)
