@@ -89,6 +89,7 @@ def prepare_reference(factory: SourceFactory, data: DataConfig, where: str = "re
     counts_b = np.bincount(batch_codes[cells], minlength=len(batches))
     description = {
         "source": where, "label_key": data.label_key, "batch_keys": list(data.batch_keys),
+        "obs_value_filter": data.obs_value_filter, "layer": data.layer,
         "n_cells_total": int(full.n_cells), "n_cells": int(len(cells)),
         "n_labelled": int((label_codes >= 0).sum()), "n_genes_total": int(full.n_genes), "n_genes": len(genes),
         "class_counts": dict(zip(classes, counts_c.tolist())), "batch_counts": dict(zip(batches, counts_b.tolist())),

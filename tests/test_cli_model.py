@@ -175,3 +175,44 @@ def test_class_names_with_slashes_survive_the_h5ad_round_trip(datasets_dir, tmp_
     m = ad.read_h5ad(tmp_path / "o.h5ad")
     assert list(m.uns["scpermut"]["classes"]) == ref.classes and ref.classes[0].endswith("/x+")
     assert set(m.obs["scpermut_label"].astype(str)) <= set(ref.classes)
+
+
+def test_train_streams_from_a_census_store_and_maps_an_h5ad_query(tmp_path):
+    """The same training path on a SOMA source: a Census-shaped collection, filtered, batch = dataset + donor."""
+    from loaders.synth import synthesize_census
+
+    store, ckpt = tmp_path / "census", tmp_path / "model"
+    synthesize_census(str(store), 3000, 250, seed=5, n_datasets=4, mouse_cells=100, chunk_cells=1000)
+    res = _scpermut("train", "--store", str(store), "--organism", "Homo sapiens", "--label-key", "cell_type",
+                    "--batch-key", "dataset_id+donor_id", "--obs-filter", "is_primary_data == True",
+                    "--out", str(ckpt), "--set", "train.num_threads=1", *SETS)
+    assert res.returncode == 0, res.stderr
+    manifest = (ckpt / "manifest.json").read_text()
+    assert "is_primary_data == True" in manifest
+    import json
+
+    man = json.loads(manifest)
+    assert all("+" in b for b in man["batches"])  # dataset_id + donor_id combined
+    assert man["training_data"]["obs_value_filter"] == "is_primary_data == True"
+    genes = pd.read_csv(ckpt / "genes.tsv", sep="\t")
+    assert genes["feature_id"].str.startswith("ENSG").all() and len(genes) == 200  # data.n_hvg in TINY
+
+    import tiledbsoma
+
+    with tiledbsoma.open(str(store)) as census:  # a query from the same atlas, as a biologist's h5ad
+        exp = census["census_data"]["homo_sapiens"]
+        with exp.axis_query("RNA", obs_query=tiledbsoma.AxisQuery(coords=(slice(0, 299),))) as q:
+            query = q.to_anndata(X_name="raw")
+    query.var_names = query.var["feature_name"].astype(str).to_numpy()  # symbols: matched by name
+    query.obs = pd.DataFrame(index=[f"q{j}" for j in query.obs["soma_joinid"]])
+    query.write_h5ad(tmp_path / "q.h5ad")
+    out = tmp_path / "mapped.h5ad"
+    assert main(["map", "--model", str(ckpt), "--query", str(tmp_path / "q.h5ad"), "--out", str(out)]) == 0
+    m = ad.read_h5ad(out)
+    assert m.uns["scpermut"]["n_genes_found"] == 200 and m.obsm["X_scpermut"].shape[0] == 300
+
+
+def test_train_rejects_organism_with_h5ad(datasets_dir, tmp_path, capsys):
+    rc = main(["train", "--h5ad", str(datasets_dir / CELLBENCH), "--organism", "Homo sapiens", "--label-key",
+               "cell_line", "--out", str(tmp_path / "m")])
+    assert rc == 2 and "--organism" in capsys.readouterr().err and not (tmp_path / "m").exists()

@@ -1,13 +1,22 @@
-"""`scpermut train`: train a reference on an h5ad of raw counts and write a checkpoint folder."""
+"""`scpermut train`: train a reference on an h5ad or a SOMA store of raw counts and write a checkpoint folder.
+
+Both inputs go through the same `loaders` source and streaming path; a SOMA Experiment or a Census-shaped
+collection (read at census_data/<organism>) is streamed, never loaded whole.
+"""
 from __future__ import annotations
 
 import argparse
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a reference model on an h5ad file of raw counts",
+    p = subparsers.add_parser("train", help="train a reference model on an h5ad file or SOMA store of raw counts",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--h5ad", required=True, help="reference AnnData file with raw counts")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--h5ad", help="reference AnnData file with raw counts")
+    src.add_argument("--store", help="SOMA Experiment or Census-shaped collection (URI or directory)")
+    p.add_argument("--organism", default=None, help="with a Census-shaped --store: e.g. 'Homo sapiens' (default)")
+    p.add_argument("--obs-filter", default=None,
+                   help="cells to train on, e.g. \"is_primary_data == True and tissue_general == 'lung'\"")
     p.add_argument("--label-key", required=True, help="obs column with cell types")
     p.add_argument("--batch-key", default=None,
                    help="obs column(s) with the batch (e.g. donor, or 'donor+assay'); omit for a single batch")
@@ -16,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.clas_w=0.5 (repeatable)")
     p.add_argument("--unlabeled-value", default=None, help="label value meaning 'no label' (e.g. Unknown)")
-    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X for h5ad, 'raw' for SOMA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=run)
 
@@ -24,7 +33,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from loaders.sources.h5ad import H5adSpec
+    from loaders.sources import spec_from_uri
     from scpermut_dist.api import config_with_data_keys, train_reference
     from scpermut_dist.checkpoint import MANIFEST
     from scpermut_dist.cli import UsageError
@@ -36,13 +45,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} exists and is not a scpermut checkpoint folder; choose another path")
     cfg = RunConfig.from_yaml(args.config, args.overrides)
     cfg = config_with_data_keys(cfg, args.label_key, args.batch_key, args.unlabeled_value, args.layer)
+    if args.obs_filter is not None:
+        cfg = cfg.apply_overrides([f"data.obs_value_filter={args.obs_filter}"])
+    uri = args.h5ad or args.store
+    if args.organism is not None and args.h5ad:
+        raise UsageError("--organism applies to a Census-shaped --store only")
+    options = {"layer": cfg.data.layer, "organism": args.organism}
 
     def report(r: dict) -> None:
         if not args.quiet:
             print(format_record(r), flush=True)
 
-    ref = train_reference(lambda sel: H5adSpec(args.h5ad, sel, cfg.data.layer), cfg, where=f"h5ad {args.h5ad}",
-                          out_dir=out, quiet=args.quiet, report=report)
+    ref = train_reference(lambda sel: spec_from_uri(uri, sel, **options), cfg, where=uri, out_dir=out,
+                          quiet=args.quiet, report=report)
     s = ref.summary
     print(f"trained on {s['n_train_cells']} cells ({len(ref.classes)} types, {len(ref.batches)} batches, "
           f"{len(ref.genes)} genes) in {s['train_seconds']:.1f} s: {s['cells_per_s']:.0f} cells/s")
