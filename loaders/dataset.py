@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset
 
 from loaders.batch import PairedBatch
 from loaders.errors import DataError
+from loaders.memory import release_free_memory
 from loaders.normalize import Normalization
 from loaders.sampling import EpochLayout, PoolDraw, SamplingPlan
 from loaders.sharding import dist_rank_world, in_worker_process, round_robin_consumed, worker_id_num
@@ -214,6 +215,7 @@ class PairedCellDataset(IterableDataset):
         self._normalise_position()
         main = not in_worker_process()
         epoch, work = self._epoch, self._my_work()
+        release_free_memory()  # the epoch's per-cell planning temporaries are gone: give their pages back
         batches: queue.Queue = queue.Queue(maxsize=ASSEMBLED_AHEAD)
         stop = threading.Event()
         thread = threading.Thread(target=self._pipeline, args=(work, batches, stop, epoch), daemon=True,

@@ -27,16 +27,34 @@ def encode_obs(obs, classes=None, batches=None) -> tuple[np.ndarray, np.ndarray,
 
     Pass `classes`/`batches` to encode against a fixed vocabulary (e.g. a trained model's classes);
     labels outside it become -1 (unlabelled), unknown batches get new codes after the given ones.
+    Works on the categories, never on per-cell strings: at 10^8 cells those would cost gigabytes.
     """
+    lab_cats, lab_raw = _categories_and_codes(obs["label"])
+    present = np.unique(lab_raw[lab_raw >= 0])
+    cls = sorted(lab_cats[present]) if classes is None else [str(c) for c in classes]
+    lab_codes = _recode(lab_cats, lab_raw, cls, missing=-1)
+    bat_cats, bat_raw = _categories_and_codes(obs["batch"])
+    if (bat_raw < 0).any():  # a missing batch value is its own batch "NA"
+        bat_cats = np.append(bat_cats, "NA")
+        bat_raw = np.where(bat_raw < 0, len(bat_cats) - 1, bat_raw)
+    seen = set(bat_cats[np.unique(bat_raw)])
+    names = [str(b) for b in (batches or [])]
+    names += sorted(seen - set(names))
+    return lab_codes, _recode(bat_cats, bat_raw, names, missing=-1), cls, names
+
+
+def _categories_and_codes(col) -> tuple[np.ndarray, np.ndarray]:
     import pandas as pd
 
-    lab = obs["label"].astype("string")
-    cls = sorted(lab.dropna().unique()) if classes is None else list(classes)
-    lab_codes = pd.Categorical(lab, categories=cls).codes.astype(np.int32)
-    bat = obs["batch"].astype("string").fillna("NA")
-    names = list(batches or []) + sorted(set(bat.unique()) - set(batches or []))
-    bat_codes = pd.Categorical(bat, categories=names).codes.astype(np.int32)
-    return lab_codes, bat_codes, [str(c) for c in cls], [str(b) for b in names]
+    cat = col.array if isinstance(col.dtype, pd.CategoricalDtype) else pd.Categorical(col)
+    return np.asarray(cat.categories.astype(str), dtype=object), np.asarray(cat.codes)
+
+
+def _recode(categories: np.ndarray, codes: np.ndarray, vocabulary: list[str], missing: int) -> np.ndarray:
+    """Map codes over `categories` to positions in `vocabulary` (absent -> `missing`), as int32."""
+    where = {v: i for i, v in enumerate(vocabulary)}
+    lookup = np.array([where.get(c, missing) for c in categories] + [missing], dtype=np.int32)
+    return lookup[np.where(codes < 0, len(categories), codes)]
 
 
 @dataclass(frozen=True)
