@@ -7,7 +7,6 @@ in a temporary sibling directory and renamed at the end, so a failure leaves not
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,10 +15,11 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from loaders.atomic import atomic_directory, check_new_directory
 from loaders.errors import DataError
 from loaders.soma_layout import WRITE_SORTED, coo_table_global_order, reopen_for_write, x_platform_config
 from loaders.sources.anndata_source import var_with_feature_columns
-from loaders.sources.h5ad import _RowReader
+from loaders.sources.h5ad import _RowReader, h5ad_counts_matrix
 from loaders.validate import check_raw_counts
 
 TARGET_CHUNK_NNZ = 8_000_000  # stored values per chunk (~64 MB as CSR + COO copies)
@@ -38,20 +38,11 @@ def ingest_h5ad(h5ad_path: str | os.PathLike, store_uri: str | os.PathLike, *, l
         raise DataError(f"{where}: file not found. Check the path.")
     if not h5py.is_hdf5(src):
         raise DataError(f"{where}: not an h5ad file (not HDF5).")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise DataError(f"{dest}: already exists and is not empty. Choose a new store path or remove it first.")
+    check_new_directory(dest)
     t0 = time.perf_counter()
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(dest) as tmp:
         with h5py.File(src, "r") as f:
-            if "obs" not in f or "var" not in f:
-                raise DataError(f"{where}: HDF5 file without AnnData obs/var groups: not an h5ad file.")
-            key = f"layers/{layer}" if layer else "X"
-            if key not in f:
-                avail = list(f["layers"].keys()) if "layers" in f else []
-                raise DataError(f"{where}: no {key!r} in the file (layers: {avail}). Pass --layer with raw counts.")
-            reader = _reader(f[key], where, read_elem)
+            reader = _reader(h5ad_counts_matrix(f, layer, where), where, read_elem)
             obs, var = _obs_frame(read_elem(f["obs"])), _var_frame(read_elem(f["var"]))
             n, g = reader.shape
             if n == 0 or g == 0:
@@ -60,12 +51,6 @@ def ingest_h5ad(h5ad_path: str | os.PathLike, store_uri: str | os.PathLike, *, l
                 raise DataError(f"{where}: obs/var lengths ({len(obs)}, {len(var)}) do not match X {reader.shape}.")
             chunk = chunk_cells or _default_chunk(reader, n, g)
             nnz = _write(tmp, obs, var, reader, chunk, where, progress, soma)
-        if dest.exists():
-            dest.rmdir()
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dict(uri=str(dest), n_cells=int(n), n_genes=int(g), nnz=int(nnz), seconds=time.perf_counter() - t0)
 
 

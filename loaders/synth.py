@@ -7,7 +7,6 @@ row-major, zstd. See `synth_model` for the biology.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from loaders.atomic import atomic_directory, check_new_directory
 from loaders.errors import DataError
 from loaders.soma_layout import x_platform_config
 from loaders.synth_model import DEFAULT_RARE, Design
@@ -133,14 +133,11 @@ def synthesize_census(uri: str | os.PathLike, n_cells: int, n_genes: int, *, see
     from loaders.synth_census import write_census_info, write_experiment
 
     path = Path(uri)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DataError(f"{path}: already exists and is not empty. Choose a new path or remove it first.")
+    check_new_directory(path)
     if n_cells < 1 or n_genes < 10:
         raise DataError(f"need n_cells >= 1 and n_genes >= 10 (got {n_cells}, {n_genes}).")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    try:
+    with atomic_directory(path) as tmp:
         human = Design(n_cells, n_genes, seed=seed, n_datasets=n_datasets, n_cell_types=n_cell_types,
                        rare_fracs=rare_fracs)
         n_mouse = min(2000, max(100, n_cells // 100)) if mouse_cells is None else int(mouse_cells)
@@ -160,12 +157,6 @@ def synthesize_census(uri: str | os.PathLike, n_cells: int, n_genes: int, *, see
                 counts[key] = write_experiment(data, key, design, chunk_cells=chunk_cells, normalized=normalized,
                                                x_config=x_platform_config(zstd_level), progress=progress)
             write_census_info(root.add_new_collection("census_info"), designs, counts)
-        if path.exists():
-            path.rmdir()
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     hs = counts["homo_sapiens"]
     return dict(uri=str(path), n_cells=n_cells, n_genes=n_genes, nnz=hs["nnz"], seconds=time.perf_counter() - t0,
                 n_datasets=len(human.datasets), n_cell_types=len(human.cell_types), mouse_cells=n_mouse,

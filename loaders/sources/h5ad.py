@@ -80,6 +80,18 @@ def _open_spec(spec):
     return spec.open()
 
 
+def h5ad_counts_matrix(f, layer: str | None, where: str):
+    """The HDF5 node of X (or `layers/<layer>`) of an open h5ad file, with clear errors when absent."""
+    if "obs" not in f or "var" not in f:
+        raise DataError(f"{where}: HDF5 file without AnnData obs/var groups: not an h5ad file.")
+    key = f"layers/{layer}" if layer else "X"
+    if key not in f:
+        avail = list(f["layers"].keys()) if "layers" in f else []
+        raise DataError(f"{where}: no {key!r} in the file (layers: {avail}). Pass the layer holding raw counts "
+                        "(--layer).")
+    return f[key]
+
+
 class H5adBackedSource(SizedFromFrames):
     """Rows of an h5ad read on demand; obs/var and the row pointer in memory."""
 
@@ -93,14 +105,9 @@ class H5adBackedSource(SizedFromFrames):
         self._file = h5py.File(path, "r")
         try:
             f = self._file
-            if "obs" not in f or "var" not in f:
-                raise DataError(f"{where}: HDF5 file without AnnData obs/var groups: not an h5ad file.")
-            key = f"layers/{layer}" if layer else "X"
-            if key not in f:
-                avail = list(f["layers"].keys()) if "layers" in f else []
-                raise DataError(f"{where}: no {key!r} in the file (layers: {avail}). Pass the layer holding raw counts.")
+            matrix = h5ad_counts_matrix(f, layer, where)
             obs, full_var = read_elem(f["obs"]), var_with_feature_columns(read_elem(f["var"]))
-            self._matrix = _RowReader(f[key], where)
+            self._matrix = _RowReader(matrix, where)
             n_obs, n_vars = self._matrix.shape
             if n_obs == 0 or len(obs) == 0:
                 raise DataError(f"{where}: the file has no cells.")
