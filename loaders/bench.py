@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from loaders.mixing import batch_entropy_ratio
+from loaders.sampling import DEFAULT_BLOCK_CELLS, DEFAULT_IO_BATCH_CELLS
 
 RESULT_TAG = "BENCH_RESULT "
 
@@ -33,8 +34,8 @@ class BenchConfig:
     label_key: str = "cell_type"
     batch_keys: tuple[str, ...] = ("dataset_id",)
     obs_filter: str | None = None
-    io_batch_cells: int = 65536
-    block_cells: int = 256
+    io_batch_cells: int = DEFAULT_IO_BATCH_CELLS
+    block_cells: int = DEFAULT_BLOCK_CELLS
     prefetch: int = 1
     io_threads: int = 1
     tsml_batch_size: int | None = None  # tiledbsoma-ml minibatch size (None = its own default, 1)

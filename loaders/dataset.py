@@ -31,7 +31,7 @@ from loaders.batch import PairedBatch
 from loaders.errors import DataError
 from loaders.memory import release_free_memory
 from loaders.normalize import Normalization
-from loaders.sampling import EpochLayout, PoolDraw, SamplingPlan
+from loaders.sampling import DEFAULT_IO_BATCH_CELLS, EpochLayout, PoolDraw, SamplingPlan
 from loaders.sharding import dist_rank_world, in_worker_process, round_robin_consumed, worker_id_num
 
 _END = object()
@@ -53,7 +53,7 @@ class PairedCellDataset(IterableDataset):
     """Iterable of `PairedBatch` for one rank (and, inside a DataLoader worker, one worker's share)."""
 
     def __init__(self, source, plan: SamplingPlan, normalization: Normalization | None = None,
-                 batch_size: int = 430, label_codes=None, batch_codes=None, io_batch_cells: int = 65536,
+                 batch_size: int = 430, label_codes=None, batch_codes=None, io_batch_cells: int = DEFAULT_IO_BATCH_CELLS,
                  prefetch: int = 1, drop_last: bool = True, cache_small: bool = True, io_threads: int = 1,
                  rank: int | None = None, world_size: int | None = None):
         if batch_size < 1:

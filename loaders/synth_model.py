@@ -115,7 +115,7 @@ class Design:
     def __init__(self, n_cells: int, n_genes: int, *, seed: int = 0, n_datasets: int | None = None,
                  n_cell_types: int | None = None, rare_fracs: tuple[float, ...] = DEFAULT_RARE,
                  donors_per_dataset: float = 4.0, batch_strength: float = 1.0, secondary: bool = True,
-                 organism: str = "homo_sapiens") -> None:
+                 organism: str = "homo_sapiens", n_tissues: int | None = None) -> None:
         if n_cells < 1 or n_genes < 10:
             raise ValueError("need at least 1 cell and 10 genes")
         rng = np.random.default_rng([seed, 0x5EED])
@@ -124,7 +124,7 @@ class Design:
         nd = max(1, min(nd, n_cells))
         n_sec = 0 if not secondary or nd < 3 or n_cells < 20 * nd else max(1, nd // 8)
         self._make_genes(rng)
-        self._make_datasets(rng, nd, n_sec, donors_per_dataset)
+        self._make_datasets(rng, nd, n_sec, donors_per_dataset, n_tissues)
         self._make_types(rng, n_cell_types, rare_fracs)
         self._make_effects(rng, batch_strength)
 
@@ -146,11 +146,13 @@ class Design:
         self.base = rng.normal(0.0, 1.6, size=g)  # log relative abundance
         self.theta = np.exp(rng.normal(np.log(2.0), 0.5, size=g))  # NB inverse dispersion
 
-    def _make_datasets(self, rng, nd: int, n_sec: int, donors_per_dataset: float) -> None:
+    def _make_datasets(self, rng, nd: int, n_sec: int, donors_per_dataset: float, n_tissues: int | None) -> None:
+        """Datasets cycle over `n_tissues` tissues (default: as many as datasets, as in Census, where types are
+        partly confounded with dataset; 1 = a multi-donor study of one tissue, every batch holds every type)."""
         n_prim = nd - n_sec
         sec_total = int(round(self.n_cells * min(0.2, 0.05 * n_sec))) if n_sec else 0
         prim_sizes = _split(self.n_cells - sec_total, rng.lognormal(0, 0.8, n_prim))
-        tissue_names = list(TISSUES)[: min(len(TISSUES), n_prim)]
+        tissue_names = list(TISSUES)[: max(1, min(len(TISSUES), n_prim, n_tissues or n_prim))]
         self.tissues = tissue_names
         prim_tissue = rng.permutation([tissue_names[i % len(tissue_names)] for i in range(n_prim)])
         kinds = rng.choice(len(ASSAYS), size=n_prim, p=np.array([a[2] for a in ASSAYS]) / sum(a[2] for a in ASSAYS))

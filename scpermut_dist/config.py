@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 class SamplingConfig(_Section):
     balance: float = Field(0.0, ge=0.0, le=1.0)  # 0 = natural class frequencies .. 1 = uniform over types
-    io_batch_cells: int = Field(8192, ge=1)  # cells per read from the source
+    io_batch_cells: int = Field(32768, ge=1)  # cells per read from the source (one pool)
     prefetch: int = Field(2, ge=1)  # IO pools read ahead by a background thread
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from loaders.bench import LOADERS
+from loaders.bench import LOADERS, BenchConfig
 
 TARGETS = {"ratio_cells_per_s": 3.0, "batch_entropy_ratio": 0.95, "cells_per_s": 20_000, "partner_same_type_frac": 1.0,
            "rss_peak_ratio_max": 1.2}
@@ -27,8 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tsml-batch-size", type=int,
                    help="minibatch size of the 'tiledbsoma-ml' run (default: its own, 1; the "
                         "'tiledbsoma-ml-matched' run always uses --batch-size)")
-    p.add_argument("--io-batch-cells", type=int, default=65536, help="our IO pool size")
-    p.add_argument("--block-cells", type=int, default=256, help="our shuffle block size")
+    p.add_argument("--io-batch-cells", type=int, default=BenchConfig.io_batch_cells, help="our IO pool size")
+    p.add_argument("--block-cells", type=int, default=BenchConfig.block_cells, help="our shuffle block size")
     p.add_argument("--prefetch", type=int, default=1, help="IO pools read ahead")
     p.add_argument("--io-threads", type=int, default=1, help="pools read concurrently (each still one read)")
     p.add_argument("--tiledb-mem-budget-mb", type=int, default=256,
