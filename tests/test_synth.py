@@ -169,3 +169,19 @@ def test_cli_synth(tmp_path, capsys):
         assert exp.obs.count == 600
     assert main(["synth", "--cells", "600", "--genes", "80", "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_one_tissue_design_shares_types_across_batches():
+    """n_tissues=1 models a multi-donor study: batches differ by technical effects, not by which types they hold."""
+    import pandas as pd
+
+    from loaders.synth import synthesize_anndata
+
+    atlas = synthesize_anndata(4000, 200, seed=2, n_batches=4)
+    study = synthesize_anndata(4000, 200, seed=2, n_batches=4, n_tissues=1, rare_fracs=(0.004, 0.008))
+    assert study.obs["tissue_general"].nunique() == 1 and atlas.obs["tissue_general"].nunique() > 1
+    shared = pd.crosstab(study.obs["cell_type"], study.obs["batch"]).gt(0).all(axis=1).mean()
+    shared_atlas = pd.crosstab(atlas.obs["cell_type"], atlas.obs["batch"]).gt(0).all(axis=1).mean()
+    assert shared > 0.8 and shared > shared_atlas
+    freq = study.obs["cell_type"].value_counts(normalize=True)
+    assert ((freq > 0.001) & (freq < 0.01)).sum() >= 2  # the planted rare types
