@@ -122,7 +122,8 @@ def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir:
     module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
     trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, cfg, train_all, train_lab),
                       LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=cfg.train.seed, validation=validation,
-                      focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device, quiet=quiet, report=report)
+                      focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device, quiet=quiet, report=report,
+                      dann_lr_mult=cfg.train.dann_lr_mult)
     t_train = time.perf_counter()
     history = trainer.fit()
     train_s = time.perf_counter() - t_train

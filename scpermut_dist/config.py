@@ -83,6 +83,7 @@ class TrainConfig(_Section):
     max_epochs: int | None = Field(None, ge=1)  # caps every stage (quick runs, tests)
     cells_per_epoch: int | None = Field(None, ge=1)  # redefines an epoch for every stage (atlas scale)
     lr: float = Field(9.9e-4, gt=0.0)
+    dann_lr_mult: float = Field(10.0, gt=0.0)  # the DANN discriminator learns this much faster (see trainer)
     batch_size: int = Field(430, ge=2)
     seed: int = 0
     patience: int = Field(20, ge=1)

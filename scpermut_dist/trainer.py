@@ -95,11 +95,11 @@ class Trainer:
     def __init__(self, module: ScPermutModule, stages: list[Stage], make_loader: Callable[[Stage, int], Any],
                  weights: LossWeights, lr: float = 9.9e-4, seed: int = 0, validation: ValidationSet | None = None,
                  focal_alpha: str = "balanced", device: str | torch.device = "cpu", quiet: bool = True,
-                 report: Callable[[dict], None] | None = None) -> None:
+                 report: Callable[[dict], None] | None = None, dann_lr_mult: float = 1.0) -> None:
         self.module, self.make_loader, self.weights = module, make_loader, weights
         self.lr, self.seed, self.validation, self.focal_alpha = lr, seed, validation, focal_alpha
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.quiet, self.report = quiet, report
+        self.quiet, self.report, self.dann_lr_mult = quiet, report, float(dann_lr_mult)
         self.rank, self.world_size = dist_info()
         single_batch = module.dims["n_batches"] < 2
         self.stages = [s for s in ((x.without_dann() if single_batch else x) for x in stages) if s is not None]
@@ -153,7 +153,13 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self._optimizer = torch.optim.Adam(params, lr=self.lr)  # fresh per stage, trainable params only
+        # Two time scales: under Adam the adversary's step does not shrink with dann_w, and at the encoder's lr it
+        # falls behind; the encoder then "fools" it by moving batches around instead of mixing them (measured:
+        # higher dann_w gave *less* mixing). A faster discriminator restores the intended game.
+        dann_ids = {id(p) for p in self.module.dann.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in dann_ids], "lr": self.lr},
+                  {"params": [p for p in params if id(p) in dann_ids], "lr": self.lr * self.dann_lr_mult}]
+        self._optimizer = torch.optim.Adam([g for g in groups if g["params"]])  # fresh per stage, trainable only
         self._loader = self.make_loader(stage, self._pos["stage_index"])
         if resume is not None:
             self._optimizer.load_state_dict(resume["optimizer"])

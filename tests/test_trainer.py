@@ -206,3 +206,16 @@ def test_validation_nll_breaks_accuracy_ties():
     for epoch, (ba, nll) in enumerate([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1)]):
         t._early_stopping_update(stage, epoch, ba, nll)
     assert t._stage_state["best_epoch"] == 1 and t._stage_state["bad_epochs"] == 2
+
+
+def test_the_adversary_learns_on_its_own_time_scale(prepared):
+    prep, cfg, train_all, train_lab, validation = prepared
+    module = _module(prep, cfg)
+    make = _loader_factory(prep, cfg, train_all, train_lab)
+    stage = Stage(name="w", cells="all", trains=["encoder", "decoder", "dann"], losses=["dann", "rec"], epochs=1)
+    t = Trainer(module, [stage], make, LossWeights.from_config(cfg.loss), lr=1e-3, dann_lr_mult=10.0)
+    t.fit()
+    groups = {len(g["params"]): g["lr"] for g in t._optimizer.param_groups}
+    n_dann = len(list(module.dann.parameters()))
+    assert groups[n_dann] == pytest.approx(1e-2) and len(groups) == 2
+    assert sorted(groups.values()) == pytest.approx([1e-3, 1e-2])
