@@ -59,6 +59,7 @@ class ModelConfig(_Section):
     classifier_hidden: int = Field(64, ge=1)
     dann_hidden: int = Field(64, ge=1)
     grl_lambda: float = Field(1.0, ge=0.0)
+    dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
 
     @field_validator("hidden_sizes")
     @classmethod

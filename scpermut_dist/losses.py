@@ -61,6 +61,13 @@ class LossWeights:
         return cls(loss_cfg.clas_w, loss_cfg.dann_w, loss_cfg.rec_w, loss_cfg.classifier, loss_cfg.focal_gamma)
 
 
+def confusion_loss(logits_nb: torch.Tensor, batch_n: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the discriminator's output against the minibatch's batch frequencies: what a
+    discriminator can do at best once batches are mixed, so its minimum is mixing, not swapping batches."""
+    prior_b = torch.bincount(batch_n.long(), minlength=logits_nb.shape[1]).to(logits_nb.dtype) / len(batch_n)
+    return -(F.log_softmax(logits_nb, dim=1) * prior_b).sum(dim=1).mean()
+
+
 def total_loss(out: ModuleOutput, x_partner_ng: torch.Tensor, label_n: torch.Tensor, batch_n: torch.Tensor,
                terms: list[str], w: LossWeights, alpha_c: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -76,6 +83,9 @@ def total_loss(out: ModuleOutput, x_partner_ng: torch.Tensor, label_n: torch.Ten
     if "dann" in terms:
         parts["dann"] = F.cross_entropy(out.batch_logits, batch_n.long())
         total = total + w.dann_w * parts["dann"]
+        if out.batch_logits_encoder is not None:
+            parts["confusion"] = confusion_loss(out.batch_logits_encoder, batch_n)
+            total = total + w.dann_w * parts["confusion"]
     if "rec" in terms:
         parts["rec"] = F.mse_loss(out.reconstruction, x_partner_ng)
         total = total + w.rec_w * parts["rec"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 MODULE_NAMES = ("encoder", "decoder", "classifier", "dann")
+DANN_OBJECTIVES = ("reversal", "confusion")
 
 
 def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -82,13 +83,27 @@ class GradientReversal(nn.Module):
 
 
 class DannHead(nn.Module):
-    def __init__(self, latent_dim: int, hidden: int, n_batches: int, dropout: float, lam: float) -> None:
+    """The batch discriminator. "reversal" (the authors'): one pass through a gradient-reversal layer, the encoder
+    maximises the discriminator's loss, which it can also do by making it confidently *wrong* (batches swapped,
+    not mixed). "confusion": the discriminator learns on the detached latent and the encoder pushes its output
+    towards the batch prior through a frozen copy of it: bounded, and optimal only when batches are mixed."""
+
+    def __init__(self, latent_dim: int, hidden: int, n_batches: int, dropout: float, lam: float,
+                 objective: str = "reversal") -> None:
         super().__init__()
+        if objective not in DANN_OBJECTIVES:
+            raise ValueError(f"dann objective must be one of {DANN_OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.grl = GradientReversal(lam)
         self.head = Head(latent_dim, hidden, n_batches, dropout)
 
-    def forward(self, z_nl: torch.Tensor) -> torch.Tensor:
-        return self.head(self.grl(z_nl))
+    def forward(self, z_nl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(discriminator logits, logits for the encoder's confusion loss or None)."""
+        if self.objective == "reversal":
+            return self.head(self.grl(z_nl)), None
+        frozen = {n: p.detach() for n, p in self.head.named_parameters()}
+        frozen |= {n: b.clone() for n, b in self.head.named_buffers()}  # BN stats updated once, by the first pass
+        return self.head(z_nl.detach()), torch.func.functional_call(self.head, frozen, (z_nl,))
 
 
 class ModuleOutput(NamedTuple):
@@ -96,6 +111,7 @@ class ModuleOutput(NamedTuple):
     reconstruction: torch.Tensor | None
     class_logits: torch.Tensor | None
     batch_logits: torch.Tensor | None
+    batch_logits_encoder: torch.Tensor | None = None  # "confusion" objective: the encoder's view of the adversary
 
 
 class ScPermutModule(nn.Module):
@@ -103,28 +119,30 @@ class ScPermutModule(nn.Module):
 
     def __init__(self, n_genes: int, n_classes: int, n_batches: int, hidden_sizes: Sequence[int] = (1151, 235),
                  latent_dim: int = 84, dropout: float = 0.27, classifier_hidden: int = 64, dann_hidden: int = 64,
-                 grl_lambda: float = 1.0) -> None:
+                 grl_lambda: float = 1.0, dann_objective: str = "reversal") -> None:
         super().__init__()
         self.dims = dict(n_genes=n_genes, n_classes=n_classes, n_batches=n_batches, hidden_sizes=list(hidden_sizes),
                          latent_dim=latent_dim, dropout=dropout, classifier_hidden=classifier_hidden,
-                         dann_hidden=dann_hidden, grl_lambda=grl_lambda)
+                         dann_hidden=dann_hidden, grl_lambda=grl_lambda, dann_objective=dann_objective)
         self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout)
         self.decoder = Decoder(n_genes, hidden_sizes, latent_dim, dropout)
         self.classifier = Head(latent_dim, classifier_hidden, n_classes, dropout)
-        self.dann = DannHead(latent_dim, dann_hidden, max(n_batches, 1), dropout, grl_lambda)
+        self.dann = DannHead(latent_dim, dann_hidden, max(n_batches, 1), dropout, grl_lambda, dann_objective)
 
     @classmethod
     def from_config(cls, model_cfg, n_genes: int, n_classes: int, n_batches: int) -> "ScPermutModule":
         return cls(n_genes, n_classes, n_batches, model_cfg.hidden_sizes, model_cfg.latent_dim, model_cfg.dropout,
-                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda)
+                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective)
 
     def forward(self, x_ng: torch.Tensor, heads: Sequence[str] = ("decoder", "classifier", "dann")) -> ModuleOutput:
         z = self.encoder(x_ng)
+        batch_logits, batch_logits_encoder = self.dann(z) if "dann" in heads else (None, None)
         return ModuleOutput(
             latent=z,
             reconstruction=self.decoder(z) if "decoder" in heads else None,
             class_logits=self.classifier(z) if "classifier" in heads else None,
-            batch_logits=self.dann(z) if "dann" in heads else None,
+            batch_logits=batch_logits,
+            batch_logits_encoder=batch_logits_encoder,
         )
 
     def set_trainable(self, trains: Sequence[str]) -> list[nn.Parameter]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scpermut_dist.losses import LossWeights, balanced_alpha, focal_loss, total_loss
+from scpermut_dist.losses import LossWeights, balanced_alpha, confusion_loss, focal_loss, total_loss
 from scpermut_dist.module import GradientReversal, ScPermutModule
 from scpermut_dist.split import stratified_split
 
@@ -19,6 +19,40 @@ def test_gradient_reversal_is_identity_forward_and_flips_and_scales_the_gradient
     w = torch.randn(5, 3)
     (y * w).sum().backward()
     assert torch.allclose(x.grad, -lam * w)
+
+
+def test_confusion_objective_trains_discriminator_and_encoder_on_separate_losses():
+    """The discriminator learns only from its own cross-entropy; the encoder only from the confusion term."""
+    torch.manual_seed(0)
+    m = ScPermutModule(30, 3, 4, (16,), 8, dann_objective="confusion").train()
+    x, b = torch.rand(24, 30), torch.arange(24) % 4
+    out = m(x, heads=("dann",))
+    grads = {}
+    for name in ("dann", "confusion"):
+        m.zero_grad()
+        loss = F.cross_entropy(out.batch_logits, b) if name == "dann" else confusion_loss(out.batch_logits_encoder, b)
+        loss.backward(retain_graph=True)
+        grads[name] = (m.encoder.bottleneck[0].weight.grad, m.dann.head.out.weight.grad)
+    assert grads["dann"][0] is None or float(grads["dann"][0].abs().sum()) == 0.0  # latent detached
+    assert float(grads["dann"][1].abs().sum()) > 0
+    assert float(grads["confusion"][0].abs().sum()) > 0
+    assert grads["confusion"][1] is None or float(grads["confusion"][1].abs().sum()) == 0.0  # frozen copy
+    # Both passes see the same discriminator: identical logits in eval mode.
+    m.eval()
+    ev = m(x, heads=("dann",))
+    assert torch.allclose(ev.batch_logits, ev.batch_logits_encoder)
+
+
+def test_confusion_loss_is_minimal_when_the_discriminator_outputs_the_batch_prior():
+    b = torch.tensor([0, 0, 0, 1, 2, 2])
+    prior = torch.tensor([3.0, 1.0, 2.0]) / 6
+    at_prior = prior.log().repeat(6, 1).requires_grad_(True)
+    loss = confusion_loss(at_prior, b)
+    assert float(loss) == pytest.approx(float(-(prior * prior.log()).sum()), rel=1e-6)  # the prior's entropy
+    loss.backward()
+    assert float(at_prior.grad.abs().max()) < 1e-6
+    confident = torch.tensor([[9.0, 0.0, 0.0]]).repeat(6, 1)  # "confidently wrong" or right: both cost more
+    assert float(confusion_loss(confident, b)) > float(loss) + 1.0
 
 
 def test_focal_loss_matches_its_formula_and_ignores_unlabelled():
