@@ -94,14 +94,15 @@ def generate_block(design: Design, start: int, stop: int) -> tuple[dict, sp.csr_
 
 def synthesize_anndata(n_cells: int, n_genes: int, *, seed: int = 0, n_batches: int | None = None,
                        rare_fracs: tuple[float, ...] = DEFAULT_RARE, n_cell_types: int | None = None,
-                       batch_strength: float = 1.0, donors_per_batch: float = 2.0, n_tissues: int | None = None):
+                       batch_strength: float = 1.0, donors_per_batch: float = 2.0, n_tissues: int | None = None,
+                       rare_subtype_markers: float | None = None):
     """In-memory AnnData from the same model (no re-published duplicates): X = CSR float32 counts,
     obs `cell_type`, `batch` (= dataset), `dataset_id`, `donor_id`, `assay`, `tissue_general`."""
     import anndata as ad
 
     design = Design(n_cells, n_genes, seed=seed, n_datasets=n_batches, n_cell_types=n_cell_types,
                     rare_fracs=rare_fracs, batch_strength=batch_strength, secondary=False,
-                    donors_per_dataset=donors_per_batch, n_tissues=n_tissues)
+                    donors_per_dataset=donors_per_batch, n_tissues=n_tissues, rare_subtype_markers=rare_subtype_markers)
     levels = _levels(design)
     parts, obs_parts = [], []
     step = gen_rows(n_genes)

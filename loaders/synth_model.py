@@ -115,7 +115,8 @@ class Design:
     def __init__(self, n_cells: int, n_genes: int, *, seed: int = 0, n_datasets: int | None = None,
                  n_cell_types: int | None = None, rare_fracs: tuple[float, ...] = DEFAULT_RARE,
                  donors_per_dataset: float = 4.0, batch_strength: float = 1.0, secondary: bool = True,
-                 organism: str = "homo_sapiens", n_tissues: int | None = None) -> None:
+                 organism: str = "homo_sapiens", n_tissues: int | None = None,
+                 rare_subtype_markers: float | None = None) -> None:
         if n_cells < 1 or n_genes < 10:
             raise ValueError("need at least 1 cell and 10 genes")
         rng = np.random.default_rng([seed, 0x5EED])
@@ -127,6 +128,9 @@ class Design:
         self._make_datasets(rng, nd, n_sec, donors_per_dataset, n_tissues)
         self._make_types(rng, n_cell_types, rare_fracs)
         self._make_effects(rng, batch_strength)
+        self.rare_parent: dict[str, str] = {}
+        if rare_subtype_markers is not None:
+            self._make_rare_subtypes(rare_subtype_markers)
 
     # ---- design pieces -------------------------------------------------------------------------
     def _make_genes(self, rng) -> None:
@@ -210,6 +214,7 @@ class Design:
         for i, (name, lineage, pref) in enumerate(RARE_TYPES[: len(rare_fracs)]):
             rare.append((name, lineage, pref if pref in present else self.tissues[i % len(self.tissues)]))
         self.cell_types = [t[0] for t in common] + [t[0] for t in rare]
+        self.n_rare = len(rare)
         self.lineage = [t[1] for t in common] + [t[1] for t in rare]
         k = len(self.cell_types)
         weights = (np.arange(len(common)) + 1.0) ** -1.0
@@ -247,6 +252,22 @@ class Design:
         self.assay_eff = rng.normal(0, 0.35 * strength, (len(ASSAYS), g)).astype(np.float32)
         self.ds_eff = rng.normal(0, 0.25 * strength, (len(self.datasets), g)).astype(np.float32)
         self.donor_eff = rng.normal(0, 0.1 * strength, (len(self.donors), g)).astype(np.float32)
+
+    def _make_rare_subtypes(self, marker_frac: float) -> None:
+        """Re-draw each planted rare type as a subtype of a common type: the parent's whole program plus a few
+        private up-markers (`marker_frac` of genes, ~2.7x). Like pDCs among DCs or ILCs among NK cells, such a type
+        is confusable with its parent, the regime where class imbalance hurts a classifier. Drawn from its own
+        stream, so the rest of the design is unchanged."""
+        rng = np.random.default_rng([self.seed, 0x5B7])
+        n_common = len(self.cell_types) - self.n_rare
+        for t in range(n_common, len(self.cell_types)):
+            kin = [c for c in range(n_common) if self.lineage[c] == self.lineage[t]] or list(range(n_common))
+            parent = kin[0]  # the most abundant common type of the lineage (types are listed by abundance)
+            up = rng.random(self.n_genes) < marker_frac
+            eff = self.type_eff[parent].copy()
+            eff[up] += rng.normal(1.0, 0.2, up.sum())
+            self.type_eff[t] = eff
+            self.rare_parent[self.cell_types[t]] = self.cell_types[parent]
 
     # ---- per-cell draws ------------------------------------------------------------------------
     def cells(self, start: int, stop: int) -> dict[str, np.ndarray]:

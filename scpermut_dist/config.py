@@ -60,6 +60,7 @@ class ModelConfig(_Section):
     dann_hidden: int = Field(64, ge=1)
     grl_lambda: float = Field(1.0, ge=0.0)
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
+    input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
 
     @field_validator("hidden_sizes")
     @classmethod

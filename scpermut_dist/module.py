@@ -19,16 +19,31 @@ def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(), nn.Dropout(dropout))
 
 
-class Encoder(nn.Module):
-    """G -> hidden blocks -> linear BatchNorm'd latent."""
+INPUT_NORMS = ("none", "standardize")
 
-    def __init__(self, n_genes: int, hidden: Sequence[int], latent_dim: int, dropout: float) -> None:
+
+class Encoder(nn.Module):
+    """G -> hidden blocks -> linear BatchNorm'd latent.
+
+    input_norm="standardize" z-scores each gene with running reference statistics (a BatchNorm without affine
+    weights, cumulative average, clipped at +-10) before the first layer, as linear annotators do: otherwise a few
+    high-variance genes (e.g. an interferon response that differs between batches) dominate the first layer's
+    features. The reconstruction target is unchanged (log-normalised), and the statistics travel in the weights.
+    """
+
+    def __init__(self, n_genes: int, hidden: Sequence[int], latent_dim: int, dropout: float,
+                 input_norm: str = "none") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = nn.BatchNorm1d(n_genes, affine=False, momentum=None) if input_norm == "standardize" else None
         sizes = [n_genes, *hidden]
         self.hidden = nn.Sequential(*[_block(a, b, dropout) for a, b in zip(sizes[:-1], sizes[1:])])
         self.bottleneck = nn.Sequential(nn.Linear(sizes[-1], latent_dim), nn.BatchNorm1d(latent_dim))
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        if self.input_norm is not None:
+            x_ng = self.input_norm(x_ng).clamp(-10.0, 10.0)
         return self.bottleneck(self.hidden(x_ng))
 
 
@@ -119,12 +134,13 @@ class ScPermutModule(nn.Module):
 
     def __init__(self, n_genes: int, n_classes: int, n_batches: int, hidden_sizes: Sequence[int] = (1151, 235),
                  latent_dim: int = 84, dropout: float = 0.27, classifier_hidden: int = 64, dann_hidden: int = 64,
-                 grl_lambda: float = 1.0, dann_objective: str = "reversal") -> None:
+                 grl_lambda: float = 1.0, dann_objective: str = "reversal", input_norm: str = "none") -> None:
         super().__init__()
         self.dims = dict(n_genes=n_genes, n_classes=n_classes, n_batches=n_batches, hidden_sizes=list(hidden_sizes),
                          latent_dim=latent_dim, dropout=dropout, classifier_hidden=classifier_hidden,
-                         dann_hidden=dann_hidden, grl_lambda=grl_lambda, dann_objective=dann_objective)
-        self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout)
+                         dann_hidden=dann_hidden, grl_lambda=grl_lambda, dann_objective=dann_objective,
+                         input_norm=input_norm)
+        self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout, input_norm)
         self.decoder = Decoder(n_genes, hidden_sizes, latent_dim, dropout)
         self.classifier = Head(latent_dim, classifier_hidden, n_classes, dropout)
         self.dann = DannHead(latent_dim, dann_hidden, max(n_batches, 1), dropout, grl_lambda, dann_objective)
@@ -132,7 +148,7 @@ class ScPermutModule(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, n_genes: int, n_classes: int, n_batches: int) -> "ScPermutModule":
         return cls(n_genes, n_classes, n_batches, model_cfg.hidden_sizes, model_cfg.latent_dim, model_cfg.dropout,
-                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective)
+                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective, model_cfg.input_norm)
 
     def forward(self, x_ng: torch.Tensor, heads: Sequence[str] = ("decoder", "classifier", "dann")) -> ModuleOutput:
         z = self.encoder(x_ng)

@@ -20,6 +20,16 @@ def test_generated_data_is_imbalanced_with_batches_and_rare_types():
     assert np.all(x >= 0) and np.allclose(x, np.round(x))  # raw counts
 
 
+def test_planted_rare_types_are_subtypes_by_default():
+    sub = ablation.make_dataset(4000, 200, seed=0)
+    distinct = ablation.make_dataset(4000, 200, seed=0, rare_subtype_markers=None)
+    assert (sub.obs[ablation.LABEL].to_numpy() == distinct.obs[ablation.LABEL].to_numpy()).all()  # same cells
+    assert (sub.X != distinct.X).nnz > 0  # only the rare types' expression differs
+    rare = ~np.isin(sub.obs[ablation.LABEL].astype(str), ["ionocyte", "hematopoietic stem cell",
+                                                         "pulmonary neuroendocrine cell", "innate lymphoid cell"])
+    assert (sub.X[np.flatnonzero(rare)] != distinct.X[np.flatnonzero(rare)]).nnz == 0
+
+
 def test_query_split_is_stratified_and_keeps_every_type_in_the_reference():
     labels = np.array(["a"] * 100 + ["b"] * 8 + ["c"] * 2)
     q = ablation.split_query(labels, fraction=0.25, seed=0)
@@ -32,7 +42,8 @@ def test_query_split_is_stratified_and_keeps_every_type_in_the_reference():
 def test_comparisons_are_paired_by_seed():
     runs = []
     for seed, (f, ce, e_d, e_nd) in enumerate([(0.8, 0.6, 0.9, 0.5), (0.7, 0.75, 0.8, 0.6)]):
-        base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "bin_0.1-1%_f1": 0.5, "seed": seed}
+        base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "bin_0.1-1%_f1": 0.5, "seed": seed,
+                "query_batch_entropy_within_type": 0.7}
         runs += [{"variant": "focal_dann", "rare_f1_mean": f, "query_batch_entropy": e_d, **base},
                  {"variant": "ce_dann", "rare_f1_mean": ce, "query_batch_entropy": e_d, **base},
                  {"variant": "focal_no_dann", "rare_f1_mean": f, "query_batch_entropy": e_nd, **base}]
@@ -52,7 +63,8 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
     assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
     for r in report["runs"]:
         assert {"balanced_accuracy", "macro_f1", "per_class_f1", "rare_f1_mean", "bin_0.1-1%_f1", "size_bin_f1",
-                "query_batch_entropy", "query_silhouette_label", "seconds"} <= set(r)
+                "query_batch_entropy", "query_batch_entropy_within_type", "query_silhouette_label", "seconds",
+                "rare_precision", "rare_recall"} <= set(r)
         assert all(c in r["per_class_f1"] for c in report["dataset"]["rare_types"])
     assert all(n >= 1 for n in report["dataset"]["query_cells_per_rare_type"].values())
     assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
@@ -64,4 +76,6 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
 def test_ablation_rejects_overriding_the_keys_under_test(tmp_path, capsys):
     assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--set", "loss.dann_w=0.5"]) == 2
     assert "ablation varies" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--rare-markers", "2"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -69,6 +69,24 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
     assert not list(tmp_path.glob(".report*"))  # no temp folder left behind
 
 
+def test_several_seeds_are_methods_and_the_summary_gives_their_mean(kang_small, tmp_path):
+    out = tmp_path / "seeds"
+    args = ["--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out", str(out),
+            "--quiet", "--no-umap", "--methods", "scpermut,logreg_celltypist", "--seeds", "3,4"]
+    for s in TINY:
+        args += ["--set", s]
+    assert _cli(*args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["methods"] == ["scpermut", "scpermut_seed4", "logreg_celltypist"]
+    s = report["summary"]
+    assert s["best_baseline"] == "logreg_celltypist"  # seeds are not baselines
+    bas = [report["mean"][n]["balanced_accuracy"] for n in ("scpermut", "scpermut_seed4")]
+    assert s["scpermut_seed_mean"]["balanced_accuracy"] == pytest.approx(np.mean(bas))
+    assert s["scpermut_seed_mean_minus_best_baseline_balanced_accuracy"] == pytest.approx(
+        np.mean(bas) - report["mean"]["logreg_celltypist"]["balanced_accuracy"])
+    assert report["dataset"]["config"]["train"]["seed"] == 3 and report["dataset"]["seeds"] == [3, 4]
+
+
 def test_methods_never_see_query_labels_or_batch(kang_small, tmp_path):
     """A probe method records what the harness hands it on each fold."""
     a = ad.read_h5ad(kang_small)
@@ -119,6 +137,8 @@ def test_obs_filter_selects_cellbench_singlets(datasets_dir, tmp_path):
     (["--obs-filter", "no_such_col > 1"], "bad --obs-filter"),
     (["--methods", "scpermut,svm"], "unknown"),
     (["--set", "loss.nonsense=1"], "unknown config key"),
+    (["--seeds", "1,x"], "integers separated by commas"),
+    (["--seeds", "1", "--methods", "knn_pca"], "scPermut among --methods"),
 ])
 def test_clear_errors_and_no_output(kang_small, tmp_path, capsys, argv, message):
     a = ad.read_h5ad(kang_small)

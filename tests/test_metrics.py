@@ -85,6 +85,25 @@ def test_batch_entropy_uses_the_batch_prior():
     assert e == pytest.approx(0.8 * h_x / prior)
 
 
+def test_within_type_mixing_ignores_composition_but_sees_batch_splits():
+    """Batches holding types in different proportions cap the global score below 1 even when each type is
+    perfectly mixed; the within-type score is then ~1, and it drops to 0 when a type splits by batch."""
+    rng = np.random.default_rng(0)
+    # type a: 90 % batch x; type b: 90 % batch y; each type one tight cluster, far from the other
+    t = np.repeat(["a", "b"], 200)
+    b = np.where(t == "a", np.where(np.arange(400) % 10 == 0, "y", "x"), np.where(np.arange(400) % 10 == 0, "x", "y"))
+    z = np.where(t == "a", 0.0, 1000.0)[:, None] + rng.normal(0, 1, (400, 3))
+    glob = metrics.batch_mixing_entropy(z, b, k=50)
+    within = metrics.batch_mixing_entropy_within_type(z, b, t, k=50)
+    assert glob < 0.6 and within > 0.9
+    # now type a's two batches sit apart: a's x cells (90 %) see only x, b is still mixed (weights 1:1)
+    z_split = z + np.where((t == "a") & (b == "y"), 100.0, 0.0)[:, None]
+    split = metrics.batch_mixing_entropy_within_type(z_split, b, t, k=50)
+    assert 0.4 * within < split < 0.6 * within
+    # a type in one batch only is skipped, none left -> NaN
+    assert math.isnan(metrics.batch_mixing_entropy_within_type(z, np.where(t == "a", "x", "y"), t))
+
+
 def test_silhouette_and_mean_over_folds():
     z = np.vstack([np.zeros((20, 2)), np.full((20, 2), 10.0)]) + np.random.default_rng(0).normal(0, 0.1, (40, 2))
     assert metrics.silhouette_by_label(z, ["a"] * 20 + ["b"] * 20) > 0.9

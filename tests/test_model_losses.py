@@ -123,6 +123,28 @@ def test_module_shapes_linear_bottleneck_and_freezing():
     assert only.reconstruction is None and only.batch_logits is None
 
 
+def test_input_standardization_learns_reference_gene_statistics():
+    """input_norm="standardize": running per-gene mean/var of the training inputs, applied (clipped) at eval."""
+    torch.manual_seed(0)
+    m = ScPermutModule(5, 3, 2, (16,), 8, input_norm="standardize").train()
+    scale = torch.tensor([0.1, 1.0, 5.0, 20.0, 1.0])
+    for _ in range(100):
+        m.encoder(torch.randn(64, 5) * scale + 3.0)
+    norm = m.encoder.input_norm
+    assert ((norm.running_mean - 3.0).abs() < 0.1 * scale).all()  # ~4 standard errors
+    assert torch.allclose(norm.running_var.sqrt() / scale, torch.ones(5), rtol=0.15)
+    m.eval()
+    x = torch.full((2, 5), 3.0)
+    x[1, 0] = 1e6  # an outlier is clipped at 10 standard deviations
+    seen = {}
+    m.encoder.hidden.register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))
+    m.encoder(x)
+    assert (seen["x"][0].abs() < 0.2).all() and seen["x"][1, 0] == 10.0
+    assert ScPermutModule(5, 3, 2, (16,), 8).encoder.input_norm is None  # the authors' default: none
+    with pytest.raises(ValueError, match="input_norm"):
+        ScPermutModule(5, 3, 2, input_norm="zscore")
+
+
 def test_stratified_split_is_a_seeded_minority_and_keeps_singletons_in_train():
     labels = np.array([0] * 100 + [1] * 10 + [2] * 1 + [-1] * 7)
     train, val = stratified_split(labels, 0.2, seed=3)

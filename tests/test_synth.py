@@ -185,3 +185,22 @@ def test_one_tissue_design_shares_types_across_batches():
     assert shared > 0.8 and shared > shared_atlas
     freq = study.obs["cell_type"].value_counts(normalize=True)
     assert ((freq > 0.001) & (freq < 0.01)).sum() >= 2  # the planted rare types
+
+
+def test_rare_subtypes_share_their_parents_program():
+    """rare_subtype_markers makes each planted rare type its parent's program plus a few markers (confusable),
+    without changing anything else in the design."""
+    from loaders.synth_model import Design
+
+    plain = Design(4000, 500, seed=3, n_tissues=1, rare_fracs=(0.004, 0.008))
+    sub = Design(4000, 500, seed=3, n_tissues=1, rare_fracs=(0.004, 0.008), rare_subtype_markers=0.01)
+    assert plain.rare_parent == {} and len(sub.rare_parent) == 2
+    idx = {t: i for i, t in enumerate(sub.cell_types)}
+    for rare, parent in sub.rare_parent.items():
+        diff = sub.type_eff[idx[rare]] - sub.type_eff[idx[parent]]
+        assert 0 < (diff != 0).sum() < 0.05 * 500 and diff.min() >= 0  # a few up-markers, nothing else
+        d_plain = plain.type_eff[idx[rare]] - plain.type_eff[idx[parent]]
+        assert (d_plain != 0).all()  # the default draws an independent program
+    common = slice(0, len(sub.cell_types) - 2)
+    np.testing.assert_array_equal(sub.type_eff[common], plain.type_eff[common])
+    np.testing.assert_array_equal(sub.ds_eff, plain.ds_eff)

@@ -15,6 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", help="comma-separated training seeds (default: 0 quick, 0,1,2 full)")
     p.add_argument("--n-cells", type=int, help="generated cells (default 3000 quick, 20000 full)")
     p.add_argument("--n-genes", type=int, help="generated genes (default 300 quick, 2000 full)")
+    p.add_argument("--rare-markers", default=None, metavar="FRAC|distinct",
+                   help="planted rare types are subtypes of a common type with this fraction of genes as private "
+                        "markers (default 0.05); 'distinct' gives them their own full programs (easy to find)")
     p.add_argument("--config", help="base scPermut config (YAML) shared by all variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every variant, e.g. --set train.max_epochs=10 (repeatable)")
@@ -35,13 +38,21 @@ def run(args: argparse.Namespace) -> int:
     for name in ("n_cells", "n_genes"):
         if getattr(args, name) is not None and getattr(args, name) < 50:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 50")
+    markers = ablation.RARE_SUBTYPE_MARKERS
+    if args.rare_markers is not None:
+        try:
+            markers = None if args.rare_markers == "distinct" else float(args.rare_markers)
+        except ValueError:
+            raise UsageError(f"--rare-markers {args.rare_markers!r}: give a fraction in (0, 1] or 'distinct'") from None
+        if markers is not None and not 0 < markers <= 1:
+            raise UsageError(f"--rare-markers {markers}: the fraction of marker genes must be in (0, 1]")
     tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"}
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
     if clash:
         raise UsageError(f"--set {clash}: these keys are what the ablation varies; leave them to the variants")
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, rare_subtype_markers=markers)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0

@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layer", help="layer holding raw counts (default: X)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)")
+    p.add_argument("--seeds", help="comma-separated training seeds for scPermut (default: the config's seed); "
+                                   "with several, each seed is a method (scpermut, scpermut_seed<S>...) and the "
+                                   "summary gives their mean, the honest comparison for a stochastic model")
     p.add_argument("--no-umap", action="store_true", help="skip the latent UMAP plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
@@ -83,20 +86,33 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHOD_NAMES)}")
     check_out_dir(args.out)
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
+        except ValueError:
+            raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+        if not seeds or "scpermut" not in names:
+            raise UsageError("--seeds needs at least one seed and scPermut among --methods")
     methods = {}
     cfg = None
     if "scpermut" in names:
         from scpermut_dist.config import RunConfig
 
         cfg = RunConfig.from_yaml(args.config, overrides=args.overrides)
+        if seeds:
+            cfg = cfg.apply_overrides([f"train.seed={seeds[0]}"])
         methods["scpermut"] = evaluate.scpermut_method(cfg)
+        for s in (seeds or [])[1:]:
+            methods[f"scpermut_seed{s}"] = evaluate.scpermut_method(cfg.apply_overrides([f"train.seed={s}"]))
     elif args.config or args.overrides:
         raise UsageError("--config/--set configure scPermut, which --methods leaves out")
     base = evaluate.baseline_methods()
     methods.update({n: base[n] for n in names if n in base})
     adata = load_filtered(args.h5ad, args.obs_filter, args.layer)
     meta = {"h5ad": str(args.h5ad), "obs_filter": args.obs_filter, "layer": args.layer,
-            "config": cfg.model_dump(mode="json") if cfg is not None else None, "overrides": args.overrides}
+            "config": cfg.model_dump(mode="json") if cfg is not None else None, "overrides": args.overrides,
+            "seeds": seeds}
     report = evaluate.run_lobo(adata, args.label_key, args.batch_key, args.out, methods=methods,
                                plots_umap=not args.no_umap, progress=not args.quiet, meta=meta)
     print(evaluate.format_table(report))
