@@ -56,20 +56,57 @@ class Fold:
 Method = Callable[[ad.AnnData, ad.AnnData, Fold], MethodOutput]
 
 
-def scpermut_method(config) -> Method:
-    """scPermut through its public API: `fit` on the reference, `Reference.map` on query and reference."""
+QUERY_UNLABELED = "__query__"  # the label given to query cells when they join training (never a real type)
+
+
+def scpermut_method(config, with_query: bool = False) -> Method:
+    """scPermut through its public API: `fit` on the reference, `Reference.map` on query and reference.
+
+    with_query=True is the authors' own benchmark protocol (transductive): the query's cells also join
+    training, unlabelled and as their own batch, so the DANN warm-up (which sees every cell) aligns them with
+    the reference; they never enter the classifier's stages or the validation split. Genes still come from
+    the reference alone, and labels of the query are never read (its label column is already gone).
+    """
 
     def run(ref: ad.AnnData, query: ad.AnnData, fold: Fold) -> MethodOutput:
         from scpermut_dist.api import fit
 
-        model = fit(ref, label_key=fold.label_key, batch_key=fold.batch_key, config=config, quiet=fold.quiet)
+        cfg, train_on, unlabeled = config, ref, None
+        if with_query:
+            from scpermut_dist.config import RunConfig
+
+            spec = config.model_dump()
+            spec["data"]["genes"] = reference_genes(ref, fold, config)
+            cfg = RunConfig.validate_dict(spec)
+            q = query.copy()
+            q.obs = pd.DataFrame({fold.label_key: QUERY_UNLABELED, fold.batch_key: f"query:{fold.query_batch}"},
+                                 index=q.obs_names)
+            train_on = ad.concat([ref, q], join="inner", merge="same")
+            train_on.obs_names_make_unique()
+            unlabeled = QUERY_UNLABELED
+        model = fit(train_on, label_key=fold.label_key, batch_key=fold.batch_key, config=cfg, quiet=fold.quiet,
+                    unlabeled_value=unlabeled)
         res_q = model.map(query)
         res_r = model.map(ref)
         summary = getattr(model, "summary", {}) or {}
         return MethodOutput(np.asarray(res_q.labels).astype(str), np.asarray(res_r.latent),
-                            np.asarray(res_q.latent), info={"summary": _jsonable(summary)})
+                            np.asarray(res_q.latent), info={"summary": _jsonable(summary),
+                                                            "query_in_training": with_query,
+                                                            "training_data": _jsonable(model.training_data)})
 
     return run
+
+
+def reference_genes(ref: ad.AnnData, fold: Fold, config) -> list[str]:
+    """The genes (HVGs) scPermut would choose on the reference alone."""
+    from loaders.sources import AnnDataSource
+    from scpermut_dist.api import config_with_data_keys
+    from scpermut_dist.preprocess import prepare_reference
+
+    cfg = config_with_data_keys(config, fold.label_key, fold.batch_key, None, None)
+    prep = prepare_reference(lambda sel: AnnDataSource(ref, sel, cfg.data.layer, where="reference"), cfg.data)
+    prep.source.close()
+    return prep.genes["feature_id"].astype(str).tolist()
 
 
 def baseline_methods() -> dict[str, Method]:

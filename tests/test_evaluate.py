@@ -10,6 +10,7 @@ import pytest
 
 from scpermut_dist import evaluate
 from scpermut_dist.cli import main
+from scpermut_dist.config import RunConfig
 
 TINY = ["train.max_epochs=2", "model.hidden_sizes=[32]", "model.latent_dim=8", "data.n_hvg=200",
         "model.classifier_hidden=16", "model.dann_hidden=16", "train.batch_size=64"]
@@ -85,6 +86,25 @@ def test_several_seeds_are_methods_and_the_summary_gives_their_mean(kang_small, 
     assert s["scpermut_seed_mean_minus_best_baseline_balanced_accuracy"] == pytest.approx(
         np.mean(bas) - report["mean"]["logreg_celltypist"]["balanced_accuracy"])
     assert report["dataset"]["config"]["train"]["seed"] == 3 and report["dataset"]["seeds"] == [3, 4]
+
+
+def test_query_in_training_adds_the_query_unlabelled_as_its_own_batch(kang_small, tmp_path):
+    """The authors' transductive protocol: query cells join training without labels, genes from the reference."""
+    a = ad.read_h5ad(kang_small)
+    cfg = RunConfig.from_yaml(None, TINY + ["data.n_hvg=150"])
+    is_q = (a.obs["batch"] == "stim101").to_numpy()
+    ref, query = a[~is_q].copy(), a[is_q].copy()
+    query.obs = query.obs.drop(columns=["cell_type"])
+    fold = evaluate.Fold(0, "stim101", "cell_type", "batch")
+    out = evaluate.scpermut_method(cfg, with_query=True)(ref, query, fold)
+    seen = out.info["training_data"]
+    assert seen["n_cells"] == a.n_obs and seen["n_labelled"] == ref.n_obs
+    assert seen["batch_counts"]["query:stim101"] == query.n_obs and "stim101" not in seen["batch_counts"]
+    assert evaluate.QUERY_UNLABELED not in seen["class_counts"]
+    assert seen["n_genes"] == len(evaluate.reference_genes(ref, fold, cfg)) == 150  # HVGs of the reference
+    assert len(out.labels) == query.n_obs and set(out.labels) <= set(ref.obs["cell_type"])
+    plain = evaluate.scpermut_method(cfg)(ref, query, fold).info["training_data"]
+    assert plain["n_cells"] == ref.n_obs and "query:stim101" not in plain["batch_counts"]
 
 
 def test_methods_never_see_query_labels_or_batch(kang_small, tmp_path):

@@ -25,6 +25,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", help="comma-separated training seeds for scPermut (default: the config's seed); "
                                    "with several, each seed is a method (scpermut, scpermut_seed<S>...) and the "
                                    "summary gives their mean, the honest comparison for a stochastic model")
+    p.add_argument("--query-in-training", action="store_true",
+                   help="the authors' transductive protocol: scPermut also trains on each fold's query cells, "
+                        "unlabelled and as their own batch (the DANN warm-up aligns them); genes still come from "
+                        "the reference and query labels are never read. Baselines are unchanged")
     p.add_argument("--no-umap", action="store_true", help="skip the latent UMAP plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
@@ -102,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_yaml(args.config, overrides=args.overrides)
         if seeds:
             cfg = cfg.apply_overrides([f"train.seed={seeds[0]}"])
-        methods["scpermut"] = evaluate.scpermut_method(cfg)
+        tr = args.query_in_training
+        methods["scpermut"] = evaluate.scpermut_method(cfg, with_query=tr)
         for s in (seeds or [])[1:]:
-            methods[f"scpermut_seed{s}"] = evaluate.scpermut_method(cfg.apply_overrides([f"train.seed={s}"]))
+            methods[f"scpermut_seed{s}"] = evaluate.scpermut_method(cfg.apply_overrides([f"train.seed={s}"]), tr)
     elif args.config or args.overrides:
         raise UsageError("--config/--set configure scPermut, which --methods leaves out")
     base = evaluate.baseline_methods()
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     adata = load_filtered(args.h5ad, args.obs_filter, args.layer)
     meta = {"h5ad": str(args.h5ad), "obs_filter": args.obs_filter, "layer": args.layer,
             "config": cfg.model_dump(mode="json") if cfg is not None else None, "overrides": args.overrides,
-            "seeds": seeds}
+            "seeds": seeds, "query_in_training": bool(args.query_in_training)}
     report = evaluate.run_lobo(adata, args.label_key, args.batch_key, args.out, methods=methods,
                                plots_umap=not args.no_umap, progress=not args.quiet, meta=meta)
     print(evaluate.format_table(report))
