@@ -50,14 +50,14 @@ RARE_SUBTYPE_MARKERS = 0.05
 
 
 def make_dataset(n_cells: int, n_genes: int, seed: int = 0,
-                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS) -> ad.AnnData:
+                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS, batch_strength: float = 1.0) -> ad.AnnData:
     """Imbalanced, batch-affected counts from the project's Census-like generator: one tissue studied in several
     datasets (batches), so every batch holds every type. Across tissues types would be confounded with batch,
     and removing batch information would then also remove type information: a different question."""
     from loaders.synth import synthesize_anndata
 
     return synthesize_anndata(n_cells, n_genes, seed=seed, n_tissues=1, rare_fracs=RARE_FRACS,
-                              rare_subtype_markers=rare_subtype_markers)
+                              rare_subtype_markers=rare_subtype_markers, batch_strength=batch_strength)
 
 
 def split_query(labels: np.ndarray, fraction: float = 0.25, seed: int = 0) -> np.ndarray:
@@ -129,7 +129,7 @@ def compare(runs: list[dict]) -> dict:
 def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] | None = None,
                  n_cells: int | None = None, n_genes: int | None = None, overrides: list[str] | None = None,
                  config_path: str | None = None, progress: bool = True,
-                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS) -> dict:
+                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS, batch_strength: float = 1.0) -> dict:
     """Run every variant for every seed, write ablation.json atomically into `out_dir`, return the report."""
     from tqdm.auto import tqdm
 
@@ -141,7 +141,8 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     base = list(preset["overrides"]) + list(overrides or [])
     configs = {v: RunConfig.from_yaml(config_path, overrides=base + extra) for v, extra in VARIANTS.items()}
 
-    adata = make_dataset(n_cells, n_genes, seed=0, rare_subtype_markers=rare_subtype_markers)
+    adata = make_dataset(n_cells, n_genes, seed=0, rare_subtype_markers=rare_subtype_markers,
+                         batch_strength=batch_strength)
     labels = adata.obs[LABEL].astype(str).to_numpy()
     is_q = split_query(labels, seed=0)
     ref, query_full = adata[~is_q].copy(), adata[is_q].copy()
@@ -164,7 +165,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     report = {
         "dataset": {"generator": "loaders.synth.synthesize_anndata", "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars),
                     "n_ref": int(ref.n_obs), "n_query": int(query.n_obs), "class_freq_ref": freq,
-                    "rare_subtype_markers": rare_subtype_markers,
+                    "rare_subtype_markers": rare_subtype_markers, "batch_strength": batch_strength,
                     "rare_types": rare, "query_cells_per_rare_type": {c: int((truth == c).sum()) for c in rare},
                     "batches": sorted(map(str, adata.obs[BATCH].unique()))},
         "variants": {v: base + extra for v, extra in VARIANTS.items()},

@@ -57,7 +57,8 @@ def test_comparisons_are_paired_by_seed():
 
 def test_quick_ablation_writes_its_json(tmp_path, capsys):
     out = tmp_path / "abl"
-    assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500"]) == 0
+    assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",
+                 "--batch-strength", "2"]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert set(report) >= {"dataset", "variants", "seeds", "runs", "comparisons"}
     assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
@@ -68,7 +69,7 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
         assert all(c in r["per_class_f1"] for c in report["dataset"]["rare_types"])
     assert all(n >= 1 for n in report["dataset"]["query_cells_per_rare_type"].values())
     assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
-    assert report["dataset"]["rare_types"]
+    assert report["dataset"]["rare_types"] and report["dataset"]["batch_strength"] == 2.0
     assert "loss.dann_w=0" in report["variants"]["focal_no_dann"]
     assert "rare-type F1" in capsys.readouterr().out
 
@@ -78,4 +79,7 @@ def test_ablation_rejects_overriding_the_keys_under_test(tmp_path, capsys):
     assert "ablation varies" in capsys.readouterr().err
     assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--rare-markers", "2"]) == 2
     assert "(0, 1]" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--batch-strength", "0"]) == 2
+    assert "must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     assert not (tmp_path / "x").exists()

@@ -18,6 +18,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rare-markers", default=None, metavar="FRAC|distinct",
                    help="planted rare types are subtypes of a common type with this fraction of genes as private "
                         "markers (default 0.05); 'distinct' gives them their own full programs (easy to find)")
+    p.add_argument("--batch-strength", type=float, default=1.0, metavar="S",
+                   help="scale of the generated assay/dataset/donor effects (default 1; 2 = batches that "
+                        "permutation alone does not remove)")
     p.add_argument("--config", help="base scPermut config (YAML) shared by all variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every variant, e.g. --set train.max_epochs=10 (repeatable)")
@@ -46,13 +49,16 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--rare-markers {args.rare_markers!r}: give a fraction in (0, 1] or 'distinct'") from None
         if markers is not None and not 0 < markers <= 1:
             raise UsageError(f"--rare-markers {markers}: the fraction of marker genes must be in (0, 1]")
+    if not args.batch_strength > 0:
+        raise UsageError(f"--batch-strength {args.batch_strength}: must be > 0")
     tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"}
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
     if clash:
         raise UsageError(f"--set {clash}: these keys are what the ablation varies; leave them to the variants")
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
-                                   progress=not args.quiet, rare_subtype_markers=markers)
+                                   progress=not args.quiet, rare_subtype_markers=markers,
+                                   batch_strength=args.batch_strength)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0
