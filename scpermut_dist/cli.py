@@ -19,6 +19,16 @@ class UsageError(ValueError):
     """A bad option or configuration value; the message says how to fix it."""
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` -> [0, 1, 2]; None when the option is absent."""
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1,2") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scpermut", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -187,6 +187,9 @@ def run_lobo(adata: ad.AnnData, label_key: str, batch_key: str, out_dir: str | P
     tmp.mkdir()
     try:
         report = _run_folds(adata, label_key, batch_key, tmp, methods, plots_umap, progress)
+        if (meta or {}).get("query_in_training"):
+            report["protocol"] += ("; except that scPermut also trained on the query's cells, unlabelled and as "
+                                   "their own batch (--query-in-training)")
         report["dataset"] = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "label_key": label_key,
                              "batch_key": batch_key, **(meta or {})}
         (tmp / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))

@@ -148,7 +148,8 @@ class ScPermutModule(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, n_genes: int, n_classes: int, n_batches: int) -> "ScPermutModule":
         return cls(n_genes, n_classes, n_batches, model_cfg.hidden_sizes, model_cfg.latent_dim, model_cfg.dropout,
-                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective, model_cfg.input_norm)
+                   model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective,
+                   model_cfg.input_norm)
 
     def forward(self, x_ng: torch.Tensor, heads: Sequence[str] = ("decoder", "classifier", "dann")) -> ModuleOutput:
         z = self.encoder(x_ng)

@@ -82,4 +82,3 @@ def test_ablation_rejects_overriding_the_keys_under_test(tmp_path, capsys):
     assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--batch-strength", "0"]) == 2
     assert "must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert not (tmp_path / "x").exists()

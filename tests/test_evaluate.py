@@ -86,6 +86,7 @@ def test_several_seeds_are_methods_and_the_summary_gives_their_mean(kang_small, 
     assert s["scpermut_seed_mean_minus_best_baseline_balanced_accuracy"] == pytest.approx(
         np.mean(bas) - report["mean"]["logreg_celltypist"]["balanced_accuracy"])
     assert report["dataset"]["config"]["train"]["seed"] == 3 and report["dataset"]["seeds"] == [3, 4]
+    assert "query-in-training" not in report["protocol"]
 
 
 def test_query_in_training_adds_the_query_unlabelled_as_its_own_batch(kang_small, tmp_path):
@@ -105,6 +106,15 @@ def test_query_in_training_adds_the_query_unlabelled_as_its_own_batch(kang_small
     assert len(out.labels) == query.n_obs and set(out.labels) <= set(ref.obs["cell_type"])
     plain = evaluate.scpermut_method(cfg)(ref, query, fold).info["training_data"]
     assert plain["n_cells"] == ref.n_obs and "query:stim101" not in plain["batch_counts"]
+
+
+def test_report_states_when_the_query_joined_training(kang_small, tmp_path):
+    a = ad.read_h5ad(kang_small)
+    const = {"const": lambda ref, query, fold: evaluate.MethodOutput(np.full(query.n_obs, "B cells", dtype=object))}
+    plain = evaluate.run_lobo(a, "cell_type", "batch", tmp_path / "p", methods=const, progress=False, plots_umap=False)
+    trans = evaluate.run_lobo(a, "cell_type", "batch", tmp_path / "t", methods=const, progress=False, plots_umap=False,
+                              meta={"query_in_training": True})
+    assert "query-in-training" not in plain["protocol"] and "query-in-training" in trans["protocol"]
 
 
 def test_methods_never_see_query_labels_or_batch(kang_small, tmp_path):

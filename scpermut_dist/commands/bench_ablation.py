@@ -30,14 +30,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scpermut_dist import ablation
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.cli import UsageError, parse_seeds
 
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    seeds = parse_seeds(args.seeds)
     for name in ("n_cells", "n_genes"):
         if getattr(args, name) is not None and getattr(args, name) < 50:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 50")

@@ -83,19 +83,16 @@ def check_out_dir(out: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scpermut_dist import evaluate
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.cli import UsageError, parse_seeds
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHOD_NAMES]
     if unknown or not names:
         raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHOD_NAMES)}")
     check_out_dir(args.out)
-    seeds = None
-    if args.seeds:
-        try:
-            seeds = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
-        except ValueError:
-            raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    seeds = parse_seeds(args.seeds)
+    if seeds is not None:
+        seeds = list(dict.fromkeys(seeds))  # one method per distinct seed
         if not seeds or "scpermut" not in names:
             raise UsageError("--seeds needs at least one seed and scPermut among --methods")
     methods = {}
