@@ -39,6 +39,10 @@ VARIANTS = {  # name -> config overrides on top of the shared base
     "ce_dann": ["loss.classifier=ce", "loss.focal_alpha=none"],
     "focal_no_dann": ["loss.dann_w=0"],
 }
+COMPARISONS = {  # question -> the two variants it pairs (A, B)
+    "focal": ("focal_dann", "ce_dann"),
+    "dann": ("focal_dann", "focal_no_dann"),
+}
 QUICK = {"n_cells": 3000, "n_genes": 300, "seeds": [0],
          "overrides": ["train.max_epochs=2", "data.n_hvg=200", "model.hidden_sizes=[64,32]", "model.latent_dim=16"]}
 FULL = {"n_cells": 20000, "n_genes": 2000, "seeds": [0, 1, 2],
@@ -107,30 +111,34 @@ def _stat(runs: list[dict], variant: str, key: str) -> dict:
 
 
 def compare(runs: list[dict]) -> dict:
-    """The two comparisons, paired by seed."""
+    """The comparisons whose two variants were run, paired by seed."""
+    present = {r["variant"] for r in runs}
+
     def paired(a: str, b: str, key: str) -> dict:
         sa, sb = _stat(runs, a, key), _stat(runs, b, key)
         d = np.array(sa["per_seed"]) - np.array(sb["per_seed"])
         return {a: sa, b: sb, "delta_mean": float(d.mean()), "delta_per_seed": d.tolist(),
                 "n_seeds_a_better": int((d > 0).sum())}
 
-    return {
-        "focal_vs_ce_rare_f1": paired("focal_dann", "ce_dann", "rare_f1_mean"),
-        "focal_vs_ce_bin_0.1-1%_f1": paired("focal_dann", "ce_dann", "bin_0.1-1%_f1"),
-        "focal_vs_ce_balanced_accuracy": paired("focal_dann", "ce_dann", "balanced_accuracy"),
-        "dann_vs_no_dann_batch_entropy": paired("focal_dann", "focal_no_dann", "query_batch_entropy"),
-        "dann_vs_no_dann_batch_entropy_within_type": paired("focal_dann", "focal_no_dann",
-                                                            "query_batch_entropy_within_type"),
-        "dann_vs_no_dann_silhouette": paired("focal_dann", "focal_no_dann", "query_silhouette_label"),
-        "dann_vs_no_dann_balanced_accuracy": paired("focal_dann", "focal_no_dann", "balanced_accuracy"),
+    metrics_of = {
+        "focal": [("focal_vs_ce_rare_f1", "rare_f1_mean"), ("focal_vs_ce_bin_0.1-1%_f1", "bin_0.1-1%_f1"),
+                  ("focal_vs_ce_balanced_accuracy", "balanced_accuracy")],
+        "dann": [("dann_vs_no_dann_batch_entropy", "query_batch_entropy"),
+                 ("dann_vs_no_dann_batch_entropy_within_type", "query_batch_entropy_within_type"),
+                 ("dann_vs_no_dann_silhouette", "query_silhouette_label"),
+                 ("dann_vs_no_dann_balanced_accuracy", "balanced_accuracy")],
     }
+    return {name: paired(*COMPARISONS[question], key)
+            for question, rows in metrics_of.items() if set(COMPARISONS[question]) <= present
+            for name, key in rows}
 
 
 def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] | None = None,
                  n_cells: int | None = None, n_genes: int | None = None, overrides: list[str] | None = None,
                  config_path: str | None = None, progress: bool = True,
-                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS, batch_strength: float = 1.0) -> dict:
-    """Run every variant for every seed, write ablation.json atomically into `out_dir`, return the report."""
+                 rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS, batch_strength: float = 1.0,
+                 only: str | None = None) -> dict:
+    """Run every variant (or those of the one comparison `only` names) for every seed, write ablation.json atomically into `out_dir`, return the report."""
     from tqdm.auto import tqdm
 
     from scpermut_dist.config import RunConfig
@@ -139,7 +147,10 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     seeds = seeds if seeds is not None else preset["seeds"]
     n_cells, n_genes = n_cells or preset["n_cells"], n_genes or preset["n_genes"]
     base = list(preset["overrides"]) + list(overrides or [])
-    configs = {v: RunConfig.from_yaml(config_path, overrides=base + extra) for v, extra in VARIANTS.items()}
+    if only is not None and only not in COMPARISONS:
+        raise ValueError(f"only={only!r}: choose one of {sorted(COMPARISONS)}")
+    variants = {v: extra for v, extra in VARIANTS.items() if only is None or v in COMPARISONS[only]}
+    configs = {v: RunConfig.from_yaml(config_path, overrides=base + extra) for v, extra in variants.items()}
 
     adata = make_dataset(n_cells, n_genes, seed=0, rare_subtype_markers=rare_subtype_markers,
                          batch_strength=batch_strength)
@@ -153,7 +164,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     rare = sorted(c for c, f in freq.items() if f < 0.01 and (truth == c).any())  # scorable rare types
 
     runs = []
-    bar = tqdm(total=len(seeds) * len(VARIANTS), desc="ablation", disable=not progress)
+    bar = tqdm(total=len(seeds) * len(configs), desc="ablation", disable=not progress)
     for seed in seeds:
         for variant, cfg in configs.items():
             bar.set_postfix_str(f"seed {seed}: {variant}")
@@ -168,7 +179,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
                     "rare_subtype_markers": rare_subtype_markers, "batch_strength": batch_strength,
                     "rare_types": rare, "query_cells_per_rare_type": {c: int((truth == c).sum()) for c in rare},
                     "batches": sorted(map(str, adata.obs[BATCH].unique()))},
-        "variants": {v: base + extra for v, extra in VARIANTS.items()},
+        "variants": {v: base + extra for v, extra in variants.items()},
         "seeds": seeds, "quick": quick, "runs": runs, "comparisons": compare(runs),
     }
     _write_json_atomic(Path(out_dir), "ablation.json", report)
@@ -200,6 +211,8 @@ def format_table(report: dict) -> str:
             ("balanced accuracy", "dann_vs_no_dann_balanced_accuracy", "DANN", "no DANN")]
     lines.append(f"{'metric':<26}{'A':>9}{'value A':>18}{'B':>9}{'value B':>18}{'A-B':>9}")
     for title, key, a, b in rows:
+        if key not in c:
+            continue
         d = c[key]
         va, vb = [v for k, v in d.items() if isinstance(v, dict)]
         lines.append(f"{title:<26}{a:>9}{va['mean']:>11.4f} ±{va['std']:.3f}{b:>9}{vb['mean']:>11.4f} ±{vb['std']:.3f}"
@@ -207,4 +220,4 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_ablation", "make_dataset", "split_query", "compare", "format_table", "VARIANTS"]
+__all__ = ["run_ablation", "make_dataset", "split_query", "compare", "format_table", "VARIANTS", "COMPARISONS"]

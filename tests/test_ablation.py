@@ -55,6 +55,19 @@ def test_comparisons_are_paired_by_seed():
         "rare_types": ["r"], "query_cells_per_rare_type": {"r": 3}}})
 
 
+def test_a_run_of_one_comparison_reports_only_that_comparison():
+    base = {"balanced_accuracy": 0.9, "query_silhouette_label": 0.1, "bin_0.1-1%_f1": 0.5, "seed": 3,
+            "query_batch_entropy": 0.8, "query_batch_entropy_within_type": 0.7}
+    runs = [{"variant": "focal_dann", "rare_f1_mean": 0.4, **base}, {"variant": "ce_dann", "rare_f1_mean": 0.3, **base}]
+    c = ablation.compare(runs)
+    assert set(c) == {"focal_vs_ce_rare_f1", "focal_vs_ce_bin_0.1-1%_f1", "focal_vs_ce_balanced_accuracy"}
+    table = ablation.format_table({"comparisons": c, "seeds": [3], "dataset": {
+        "rare_types": ["r"], "query_cells_per_rare_type": {"r": 3}}})
+    assert "rare-type F1" in table and "batch entropy" not in table
+    with pytest.raises(ValueError, match="choose one of"):
+        ablation.run_ablation("unused", quick=True, only="nonsense")
+
+
 def test_quick_ablation_writes_its_json(tmp_path, capsys):
     out = tmp_path / "abl"
     assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",

@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-strength", type=float, default=1.0, metavar="S",
                    help="scale of the generated assay/dataset/donor effects (default 1; 2 = batches that "
                         "permutation alone does not remove)")
+    p.add_argument("--only", choices=["focal", "dann"],
+                   help="run just the two variants of one comparison (focal: focal vs CE; dann: DANN vs none), "
+                        "e.g. to add seeds to it")
     p.add_argument("--config", help="base scPermut config (YAML) shared by all variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every variant, e.g. --set train.max_epochs=10 (repeatable)")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
                                    progress=not args.quiet, rare_subtype_markers=markers,
-                                   batch_strength=args.batch_strength)
+                                   batch_strength=args.batch_strength, only=args.only)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0
