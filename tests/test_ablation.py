@@ -71,7 +71,7 @@ def test_a_run_of_one_comparison_reports_only_that_comparison():
 def test_quick_ablation_writes_its_json(tmp_path, capsys):
     out = tmp_path / "abl"
     assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",
-                 "--batch-strength", "2"]) == 0
+                 "--batch-strength", "1.5"]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert set(report) >= {"dataset", "variants", "seeds", "runs", "comparisons"}
     assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
@@ -82,7 +82,7 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
         assert all(c in r["per_class_f1"] for c in report["dataset"]["rare_types"])
     assert all(n >= 1 for n in report["dataset"]["query_cells_per_rare_type"].values())
     assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
-    assert report["dataset"]["rare_types"] and report["dataset"]["batch_strength"] == 2.0
+    assert report["dataset"]["rare_types"] and report["dataset"]["batch_strength"] == 1.5 != ablation.BATCH_STRENGTH
     assert "loss.dann_w=0" in report["variants"]["focal_no_dann"]
     assert "rare-type F1" in capsys.readouterr().out
 

@@ -13,14 +13,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder for ablation.json")
     p.add_argument("--quick", action="store_true", help="tiny data and 2-epoch stages (smoke test, minutes)")
     p.add_argument("--seeds", help="comma-separated training seeds (default: 0 quick, 0,1,2 full)")
-    p.add_argument("--n-cells", type=int, help="generated cells (default 3000 quick, 20000 full)")
+    p.add_argument("--n-cells", type=int, help="generated cells (default 3000 quick, 10000 full)")
     p.add_argument("--n-genes", type=int, help="generated genes (default 300 quick, 2000 full)")
     p.add_argument("--rare-markers", default=None, metavar="FRAC|distinct",
                    help="planted rare types are subtypes of a common type with this fraction of genes as private "
-                        "markers (default 0.05); 'distinct' gives them their own full programs (easy to find)")
-    p.add_argument("--batch-strength", type=float, default=1.0, metavar="S",
-                   help="scale of the generated assay/dataset/donor effects (default 1; 2 = batches that "
-                        "permutation alone does not remove)")
+                        "markers (default 0.08); 'distinct' gives them their own full programs (easy to find)")
+    p.add_argument("--batch-strength", type=float, default=None, metavar="S",
+                   help="scale of the generated assay/dataset/donor effects (default 2: batches that "
+                        "permutation alone does not remove; 1 = the generator's own, mild effects)")
     p.add_argument("--only", choices=["focal", "dann"],
                    help="run just the two variants of one comparison (focal: focal vs CE; dann: DANN vs none), "
                         "e.g. to add seeds to it")
@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--rare-markers {args.rare_markers!r}: give a fraction in (0, 1] or 'distinct'") from None
         if markers is not None and not 0 < markers <= 1:
             raise UsageError(f"--rare-markers {markers}: the fraction of marker genes must be in (0, 1]")
-    if not args.batch_strength > 0:
-        raise UsageError(f"--batch-strength {args.batch_strength}: must be > 0")
+    strength = ablation.BATCH_STRENGTH if args.batch_strength is None else args.batch_strength
+    if not strength > 0:
+        raise UsageError(f"--batch-strength {strength}: must be > 0")
     tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"}
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
     if clash:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
                                    progress=not args.quiet, rare_subtype_markers=markers,
-                                   batch_strength=args.batch_strength, only=args.only)
+                                   batch_strength=strength, only=args.only)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0
