@@ -45,9 +45,15 @@ class Reference:
     summary: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     path: str | None = None
+    extra_members: list[ScPermutModule] = field(default_factory=list)  # model.ensemble_size > 1
+
+    @property
+    def members(self) -> list[ScPermutModule]:
+        """Every ensemble member; the first gives the embedding, all of them the probabilities."""
+        return [self.module, *self.extra_members]
 
     def map(self, adata: ad.AnnData, layer: str | None = None, where: str = "query") -> MappingResult:
-        return map_anndata(self.module, self.classes, self.genes, self.normalization, adata, layer, where)
+        return map_anndata(self.members, self.classes, self.genes, self.normalization, adata, layer, where)
 
     def annotate(self, adata: ad.AnnData, result: MappingResult | None = None, layer: str | None = None) -> ad.AnnData:
         """Map `adata` (unless `result` is given) and write the outputs into its obs/obsm/uns."""
@@ -56,7 +62,8 @@ class Reference:
 
     def model_info(self) -> dict:
         return {"model": self.path or "", "format_version": FORMAT_VERSION, "version": scpermut_dist.__version__,
-                "label_key": self.training_data.get("label_key") or "", "n_classes": len(self.classes)}
+                "label_key": self.training_data.get("label_key") or "", "n_classes": len(self.classes),
+                "ensemble_size": len(self.members)}
 
     def save(self, path: str | Path) -> Path:
         out = save_checkpoint(self.to_checkpoint(), path)
@@ -67,16 +74,21 @@ class Reference:
         return Checkpoint(state_dict=self.module.state_dict(), config=self.config, genes=self.genes,
                           classes=self.classes, batches=self.batches, normalization=self.normalization,
                           dims=self.module.dims, training_data=self.training_data, metrics=self.metrics,
-                          summary=self.summary, history=self.history)
+                          summary=self.summary, history=self.history,
+                          extra_state_dicts=[m.state_dict() for m in self.extra_members])
 
 
 def load_reference(path: str | Path) -> Reference:
     ck = load_checkpoint(path)
-    module = ScPermutModule(**ck.dims)
-    module.load_state_dict(ck.state_dict)
-    module.eval()
+    module, *extra = [_module_from_state(ck.dims, sd) for sd in [ck.state_dict, *ck.extra_state_dicts]]
     return Reference(module, ck.config, ck.genes, list(ck.classes), list(ck.batches), ck.normalization,
-                     ck.training_data, ck.metrics, ck.summary, ck.history, path=str(path))
+                     ck.training_data, ck.metrics, ck.summary, ck.history, path=str(path), extra_members=extra)
+
+
+def _module_from_state(dims: dict, state_dict: dict) -> ScPermutModule:
+    module = ScPermutModule(**dims)
+    module.load_state_dict(state_dict)
+    return module.eval()
 
 
 def fit(adata: ad.AnnData, label_key: str, batch_key: str | list[str] | None = None, config: RunConfig | None = None,
@@ -115,32 +127,61 @@ def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir:
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
     codes_qc = np.full_like(prep.label_codes, -1)
     codes_qc[prep.cells] = prep.label_codes[prep.cells]
-    train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells, cfg.train.seed)
-    train_all = np.setdiff1d(prep.cells, val, assume_unique=True)
-    validation = _read_validation(prep, val)
+    members, history, member_metrics, train_s = [], [], [], 0.0
+    for k in range(cfg.model.ensemble_size):
+        # Each member its own validation split, init, sampling and partners: bagging-like diversity (with one
+        # shared split, three Kang members averaged no better than one).
+        member_cfg = cfg.apply_overrides([f"train.seed={member_seed(cfg.train.seed, k)}"])
+        train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells,
+                                          member_cfg.train.seed)
+        train_all = np.setdiff1d(prep.cells, val, assume_unique=True)
+        validation = _read_validation(prep, val)
+        if cfg.model.ensemble_size > 1 and not quiet:
+            log.info("ensemble member %d of %d", k + 1, cfg.model.ensemble_size)
+        trainer, seconds = _train_member(prep, member_cfg, train_all, train_lab, validation, quiet, report)
+        members.append(trainer.module)
+        history += [{**r, "member": k} for r in trainer.history] if cfg.model.ensemble_size > 1 else trainer.history
+        train_s += seconds
+        member_metrics.append({**(validation_metrics(trainer.module, validation) if len(validation) else {}),
+                               "n_val_cells": int(len(val)), "seed": member_cfg.train.seed})
+        if k == 0:
+            n_train_all, n_train_lab = len(train_all), len(train_lab)
+    # Each member is scored on its own held-out cells; the ensemble reports their mean.
+    metrics = {key: float(np.mean([m[key] for m in member_metrics])) for key in member_metrics[0] if key != "seed"}
+    metrics["n_val_cells"] = member_metrics[0]["n_val_cells"]
+    cells = sum(r["cells"] for r in history)
+    summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+               "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
+               "n_train_cells": int(n_train_all), "n_train_labelled": int(n_train_lab),
+               "stages": [s.name for s in trainer.stages], "ensemble_size": len(members), **metrics,
+               **({"members": member_metrics} if len(members) > 1 else {})}
+    ref = Reference(members[0], cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,
+                    prep.batches, prep.normalization, prep.description, metrics, summary, history,
+                    extra_members=members[1:])
+    prep.source.close()
+    if out_dir is not None and dist_info()[0] == 0:
+        ref.save(out_dir)
+    return ref
+
+
+def member_seed(seed: int, k: int) -> int:
+    """Member 0 is the single model of `seed`; the others draw from seeds no other run's member 0 uses."""
+    return seed if k == 0 else seed + 1_000_003 * k
+
+
+def _train_member(prep: PreparedReference, cfg: RunConfig, train_all: np.ndarray, train_lab: np.ndarray,
+                  validation: ValidationSet, quiet: bool, report) -> tuple[Trainer, float]:
     torch.manual_seed(cfg.train.seed)
     module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
     trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, cfg, train_all, train_lab),
                       LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=cfg.train.seed, validation=validation,
                       focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device, quiet=quiet, report=report,
                       dann_lr_mult=cfg.train.dann_lr_mult)
-    t_train = time.perf_counter()
-    history = trainer.fit()
-    train_s = time.perf_counter() - t_train
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
     module.cpu().eval()
-    metrics = validation_metrics(module, validation) if len(validation) else {}
-    metrics["n_val_cells"] = int(len(val))
-    cells = sum(r["cells"] for r in history)
-    summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
-               "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
-               "n_train_cells": int(len(train_all)), "n_train_labelled": int(len(train_lab)),
-               "stages": [s.name for s in trainer.stages], **metrics}
-    ref = Reference(module, cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,
-                    prep.batches, prep.normalization, prep.description, metrics, summary, history)
-    prep.source.close()
-    if out_dir is not None and dist_info()[0] == 0:
-        ref.save(out_dir)
-    return ref
+    return trainer, seconds
 
 
 def _read_validation(prep: PreparedReference, val: np.ndarray) -> ValidationSet:

@@ -3,7 +3,8 @@
 Layout (FORMAT_VERSION 1):
     manifest.json  format version, package versions, model dims, classes, batches, normalisation,
                    training-data description, validation metrics, summary
-    weights.pt     torch state_dict of `ScPermutModule` (loaded with weights_only=True)
+    weights.pt     torch state_dict of `ScPermutModule` (loaded with weights_only=True); an ensemble's further
+                   members follow in the same file under keys "member{k}.<key>", k = 1..ensemble_size-1
     config.yaml    the resolved `RunConfig`
     genes.tsv      the model's input genes in order: feature_id, feature_name
     history.json   per-epoch training history
@@ -31,6 +32,7 @@ from scpermut_dist.config import RunConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MEMBER_PREFIX = "member"  # weights.pt keys of ensemble members 1..K-1
 _PACKAGES = ("scpermut-dist", "torch", "numpy", "anndata", "scanpy", "pydantic")
 
 
@@ -50,6 +52,7 @@ class Checkpoint:
     summary: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)  # filled on load
+    extra_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # ensemble members 1..K-1
 
 
 def package_versions() -> dict[str, str]:
@@ -89,6 +92,7 @@ def _write_files(ckpt: Checkpoint, d: Path) -> None:
         "packages": package_versions(),
         "dims": ckpt.dims,
         "n_genes": len(ckpt.genes),
+        "ensemble_size": 1 + len(ckpt.extra_state_dicts),
         "classes": list(ckpt.classes),
         "batches": list(ckpt.batches),
         "normalization": ckpt.normalization.to_dict(),
@@ -97,7 +101,10 @@ def _write_files(ckpt: Checkpoint, d: Path) -> None:
         "summary": ckpt.summary,
     }
     with open(d / "weights.pt", "wb") as f:
-        torch.save({k: v.detach().cpu() for k, v in ckpt.state_dict.items()}, f)
+        weights = {k: v.detach().cpu() for k, v in ckpt.state_dict.items()}
+        for i, sd in enumerate(ckpt.extra_state_dicts, start=1):
+            weights.update({f"{MEMBER_PREFIX}{i}.{k}": v.detach().cpu() for k, v in sd.items()})
+        torch.save(weights, f)
         _sync(f)
     _write_text(d / "config.yaml", ckpt.config.to_yaml())
     _write_text(d / "genes.tsv", ckpt.genes[["feature_id", "feature_name"]].to_csv(sep="\t", index=False))
@@ -115,7 +122,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise UsageError(f"{d}: checkpoint format {manifest['format_version']} is newer than this package "
                              f"supports ({FORMAT_VERSION}); upgrade scpermut-dist")
-        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+        state, extra = _split_members(torch.load(d / "weights.pt", map_location="cpu", weights_only=True),
+                                      int(manifest.get("ensemble_size", 1)))
         config = RunConfig.from_yaml(d / "config.yaml")
         genes = pd.read_csv(d / "genes.tsv", sep="\t", dtype=str, keep_default_na=False)
         history = json.loads((d / "history.json").read_text())
@@ -127,7 +135,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       batches=manifest["batches"], normalization=Normalization.from_dict(manifest["normalization"]),
                       dims=manifest["dims"], training_data=manifest.get("training_data", {}),
                       metrics=manifest.get("metrics", {}), summary=manifest.get("summary", {}), history=history,
-                      manifest=manifest)
+                      manifest=manifest, extra_state_dicts=extra)
+
+
+def _split_members(weights: dict, ensemble_size: int) -> tuple[dict, list[dict]]:
+    extra = [{} for _ in range(ensemble_size - 1)]
+    first = {}
+    for key, value in weights.items():
+        head, _, rest = key.partition(".")
+        if head.startswith(MEMBER_PREFIX) and head[len(MEMBER_PREFIX):].isdigit():
+            extra[int(head[len(MEMBER_PREFIX):]) - 1][rest] = value
+        else:
+            first[key] = value
+    return first, extra
 
 
 def _write_text(p: Path, text: str) -> None:

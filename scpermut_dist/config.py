@@ -61,6 +61,7 @@ class ModelConfig(_Section):
     grl_lambda: float = Field(1.0, ge=0.0)
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
     input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
+    ensemble_size: int = Field(1, ge=1, le=16)  # members trained from other seeds; probabilities averaged (ensemble.py)
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -10,6 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import anndata as ad
 import numpy as np
@@ -76,10 +77,13 @@ def aligned_counts(x, pos: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((sub.data, (sub.row, found[sub.col])), shape=(x.shape[0], len(pos)), dtype=np.float32)
 
 
-def map_anndata(module: ScPermutModule, classes: list[str], genes: pd.DataFrame, normalization: Normalization,
+def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list[str], genes: pd.DataFrame, normalization: Normalization,
                 adata: ad.AnnData, layer: str | None = None, where: str = "query",
                 chunk_cells: int = CHUNK_CELLS) -> MappingResult:
-    """Predict labels, probabilities and latent coordinates for every cell of `adata`."""
+    """Predict labels, probabilities and latent coordinates for every cell of `adata`.
+
+    `module` may be an ensemble's members: the latent is the first member's, the probabilities their mean.
+    """
     if adata.n_obs == 0:
         raise DataError(f"{where}: the query has no cells.")
     if adata.n_vars == 0:
@@ -90,7 +94,6 @@ def map_anndata(module: ScPermutModule, classes: list[str], genes: pd.DataFrame,
     if matrix is None:
         raise DataError(f"{where}: X is empty; pass --layer with the raw counts.")
     pos, key = align_genes(adata.var, genes, where)
-    module.eval()
     latents, probas = [], []
     for start in range(0, adata.n_obs, chunk_cells):
         x = aligned_counts(matrix[start:start + chunk_cells], pos)

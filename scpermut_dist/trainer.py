@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -61,23 +61,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict_proba(module: ScPermutModule, x_ng: torch.Tensor, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(latent, probabilities) with encoder and classifier in eval mode, in bounded-size chunks."""
-    modes = {m: getattr(module, m).training for m in ("encoder", "classifier")}
-    module.encoder.eval(), module.classifier.eval()
-    device = next(module.parameters()).device
+def predict_proba(module: ScPermutModule | Sequence[ScPermutModule], x_ng: torch.Tensor, chunk: int = 4096
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(latent, probabilities) with encoders and classifiers in eval mode, in bounded-size chunks.
+
+    An ensemble (a list of members) gives the first member's latent (the reference's embedding) and the
+    members' mean probabilities.
+    """
+    members = [module] if isinstance(module, ScPermutModule) else list(module)
+    parts = [m for member in members for m in (member.encoder, member.classifier)]
+    modes = [m.training for m in parts]
+    for m in parts:
+        m.eval()
+    device = next(members[0].parameters()).device
     zs, ps = [], []
     try:
         for start in range(0, x_ng.shape[0], chunk):
-            z = module.encoder(x_ng[start:start + chunk].to(device))
-            zs.append(z.cpu()), ps.append(torch.softmax(module.classifier(z), dim=1).cpu())
+            x = x_ng[start:start + chunk].to(device)
+            z = members[0].encoder(x)
+            p = torch.softmax(members[0].classifier(z), dim=1)
+            for member in members[1:]:
+                p += torch.softmax(member.classifier(member.encoder(x)), dim=1)
+            zs.append(z.cpu()), ps.append((p / len(members)).cpu())
     finally:
-        for m, on in modes.items():
-            getattr(module, m).train(on)
+        for m, on in zip(parts, modes):
+            m.train(on)
     return torch.cat(zs).numpy(), torch.cat(ps).numpy()
 
 
-def validation_metrics(module: ScPermutModule, val: ValidationSet) -> dict[str, float]:
+def validation_metrics(module: ScPermutModule | Sequence[ScPermutModule], val: ValidationSet) -> dict[str, float]:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
     _, proba = predict_proba(module, val.x_ng)

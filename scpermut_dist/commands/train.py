@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     ref = train_reference(lambda sel: spec_from_uri(uri, sel, **options), cfg, where=uri, out_dir=out,
                           quiet=args.quiet, report=report)
     s = ref.summary
+    members = f", {s['ensemble_size']} ensemble members" if s.get("ensemble_size", 1) > 1 else ""
     print(f"trained on {s['n_train_cells']} cells ({len(ref.classes)} types, {len(ref.batches)} batches, "
-          f"{len(ref.genes)} genes) in {s['train_seconds']:.1f} s: {s['cells_per_s']:.0f} cells/s")
+          f"{len(ref.genes)} genes{members}) in {s['train_seconds']:.1f} s: {s['cells_per_s']:.0f} cells/s")
     if "val_balanced_accuracy" in s:
         print(f"validation ({s['n_val_cells']} cells): balanced accuracy {s['val_balanced_accuracy']:.4f}, "
               f"accuracy {s['val_accuracy']:.4f}")

@@ -1,0 +1,59 @@
+"""Ensembles (model.ensemble_size): members from other seeds, mean probabilities, one checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model_data import cellbench_sng, tiny_config
+from scpermut_dist.api import fit, load_reference
+from scpermut_dist.trainer import predict_proba
+
+
+@pytest.fixture(scope="module")
+def runs(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    cfg = tiny_config("train.max_epochs=2", "train.seed=3")
+    return adata, fit(adata, "cell_line", "batch", cfg), fit(adata, "cell_line", "batch",
+                                                             cfg.apply_overrides(["model.ensemble_size=3"]))
+
+
+def test_member_zero_is_the_single_model_and_the_others_differ(runs):
+    _, single, ens = runs
+    assert len(ens.members) == 3 and ens.summary["ensemble_size"] == 3
+    sd0, sd_single = ens.members[0].state_dict(), single.module.state_dict()
+    assert all(torch.equal(sd0[k], sd_single[k]) for k in sd_single)
+    for other in ens.members[1:]:
+        assert any(not torch.equal(sd0[k], other.state_dict()[k]) for k in sd0 if sd0[k].is_floating_point())
+    assert {r["member"] for r in ens.history} == {0, 1, 2}
+    assert ens.summary["cells_seen"] == sum(r["cells"] for r in ens.history)
+    per_member = ens.summary["members"]  # each member validated on its own held-out cells
+    assert len({m["seed"] for m in per_member}) == 3 and per_member[0]["seed"] == 3
+    assert per_member[0]["val_balanced_accuracy"] == single.metrics["val_balanced_accuracy"]
+    assert ens.metrics["val_balanced_accuracy"] == pytest.approx(np.mean([m["val_balanced_accuracy"] for m in per_member]))
+    assert "members" not in single.summary
+
+
+def test_mapping_averages_the_members_probabilities_and_embeds_with_member_zero(runs):
+    adata, single, ens = runs
+    res, res_single = ens.map(adata), single.map(adata)
+    x = torch.from_numpy(ens.normalization.apply_dense(adata[:, ens.genes["feature_id"]].X))
+    per_member = [predict_proba(m, x)[1] for m in ens.members]
+    assert np.allclose(res.probabilities.to_numpy(), np.mean(per_member, axis=0), atol=1e-6)
+    assert np.array_equal(res.latent, res_single.latent)
+    assert np.allclose(res.probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)
+    assert res.confidence.max() <= 1.0
+
+
+def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_path):
+    adata, _, ens = runs
+    ens.save(tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["ensemble_size"] == 3
+    loaded = load_reference(tmp_path / "ck")
+    assert len(loaded.members) == 3
+    a, b = ens.map(adata), loaded.map(adata)
+    assert np.array_equal(a.probabilities.to_numpy(), b.probabilities.to_numpy())
+    assert np.array_equal(a.latent, b.latent)
