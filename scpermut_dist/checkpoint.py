@@ -139,15 +139,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _split_members(weights: dict, ensemble_size: int) -> tuple[dict, list[dict]]:
-    extra = [{} for _ in range(ensemble_size - 1)]
-    first = {}
+    """Member 0's state dict and those of members 1..K-1 (keys "member{k}.<key>"), checked against the manifest."""
+    first, extra = {}, {}
     for key, value in weights.items():
         head, _, rest = key.partition(".")
-        if head.startswith(MEMBER_PREFIX) and head[len(MEMBER_PREFIX):].isdigit():
-            extra[int(head[len(MEMBER_PREFIX):]) - 1][rest] = value
+        index = head[len(MEMBER_PREFIX):]
+        if head.startswith(MEMBER_PREFIX) and index.isdigit():
+            extra.setdefault(int(index), {})[rest] = value
         else:
             first[key] = value
-    return first, extra
+    if sorted(extra) != list(range(1, ensemble_size)):
+        raise ValueError(f"weights.pt holds ensemble members {[0, *sorted(extra)]}, the manifest says {ensemble_size}")
+    return first, [extra[k] for k in sorted(extra)]
 
 
 def _write_text(p: Path, text: str) -> None:

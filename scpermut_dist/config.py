@@ -61,7 +61,7 @@ class ModelConfig(_Section):
     grl_lambda: float = Field(1.0, ge=0.0)
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
     input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
-    ensemble_size: int = Field(1, ge=1, le=16)  # members trained from other seeds; probabilities averaged (ensemble.py)
+    ensemble_size: int = Field(1, ge=1, le=16)  # averaged members (api.train_reference)
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -77,8 +77,8 @@ def aligned_counts(x, pos: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((sub.data, (sub.row, found[sub.col])), shape=(x.shape[0], len(pos)), dtype=np.float32)
 
 
-def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list[str], genes: pd.DataFrame, normalization: Normalization,
-                adata: ad.AnnData, layer: str | None = None, where: str = "query",
+def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list[str], genes: pd.DataFrame,
+                normalization: Normalization, adata: ad.AnnData, layer: str | None = None, where: str = "query",
                 chunk_cells: int = CHUNK_CELLS) -> MappingResult:
     """Predict labels, probabilities and latent coordinates for every cell of `adata`.
 

@@ -9,6 +9,7 @@ import torch
 
 from model_data import cellbench_sng, tiny_config
 from scpermut_dist.api import fit, load_reference
+from scpermut_dist.cli import UsageError
 from scpermut_dist.trainer import predict_proba
 
 
@@ -57,3 +58,7 @@ def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_p
     a, b = ens.map(adata), loaded.map(adata)
     assert np.array_equal(a.probabilities.to_numpy(), b.probabilities.to_numpy())
     assert np.array_equal(a.latent, b.latent)
+    manifest["ensemble_size"] = 2  # weights and manifest disagree: refused, not silently truncated
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="ensemble members"):
+        load_reference(tmp_path / "ck")
