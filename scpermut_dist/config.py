@@ -11,8 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from scpermut_dist.cli import UsageError
-from scpermut_dist.schedule import Stage, cap_stages, scheme_stages
+from scpermut_dist.errors import UsageError
+from scpermut_dist.model.schedule import Stage, cap_stages, scheme_stages
 
 
 class ConfigError(UsageError):
@@ -61,7 +61,7 @@ class ModelConfig(_Section):
     grl_lambda: float = Field(1.0, ge=0.0)
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
     input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
-    ensemble_size: int = Field(1, ge=1, le=16)  # averaged members (api.train_reference)
+    ensemble_size: int = Field(1, ge=1, le=16)  # averaged members (train.reference.train_reference)
 
     @field_validator("hidden_sizes")
     @classmethod

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from scpermut_dist import ablation
-from scpermut_dist.cli import main
+from scpermut_dist.commands.main import main
+from scpermut_dist.evaluation import ablation
 
 
 def test_generated_data_is_imbalanced_with_batches_and_rare_types():

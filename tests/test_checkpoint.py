@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import scpermut_dist.checkpoint as ckpt_mod
 from model_data import cellbench_sng, tiny_config
+
+import scpermut_dist.mapping.checkpoint as ckpt_mod
 from scpermut_dist.api import fit, load_reference
-from scpermut_dist.cli import UsageError
+from scpermut_dist.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
 from model_data import CELLBENCH, TINY, cellbench_sng, tiny_config
+
 from scpermut_dist.api import fit
-from scpermut_dist.cli import main
+from scpermut_dist.commands.main import main
 
 SETS = [arg for item in TINY for arg in ("--set", item)]
 
 
 def _scpermut(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scpermut_dist.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "scpermut_dist.commands.main", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -163,7 +163,7 @@ def test_map_zero_fills_missing_genes_with_a_warning(datasets_dir, tmp_path, ckp
 def test_class_names_with_slashes_survive_the_h5ad_round_trip(datasets_dir, tmp_path):
     import warnings
 
-    from scpermut_dist.mapping import write_h5ad_atomic
+    from scpermut_dist.mapping.align import write_h5ad_atomic
 
     adata = cellbench_sng(datasets_dir)
     adata.obs["cell_line"] = adata.obs["cell_line"].astype(str) + "/x+"  # like "CD4+/CD25 T Reg"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from scpermut_dist.cli import UsageError
 from scpermut_dist.config import ConfigError, RunConfig
+from scpermut_dist.errors import UsageError
 
 
 def test_defaults_are_the_authors_tuned_defaults():

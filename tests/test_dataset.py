@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from streaming_data import SELECTION, grouped_adata, source_and_plan
 
 from loaders.dataset import PairedCellDataset
 from loaders.errors import DataError
 from loaders.normalize import Normalization
 from loaders.sampling import SamplingPlan, encode_obs
 from loaders.sources import AnnDataSource, H5adSpec, SomaExperimentSpec
-from streaming_data import SELECTION, grouped_adata, source_and_plan
 
 
 class CountingSource(AnnDataSource):
@@ -236,7 +236,7 @@ def test_in_place_normalisation_matches_the_copying_one_bitwise():
 def test_bench_loader_cli_writes_both_loaders_numbers(tmp_path):
     import json
 
-    from scpermut_dist.cli import main
+    from scpermut_dist.commands.main import main
 
     uri, _ = soma_store(tmp_path, n=1500)
     out = tmp_path / "bench.json"

@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from streaming_data import SELECTION, grouped_adata, source_and_plan
 
 from loaders.dataset import PairedCellDataset
 from loaders.sampling import SamplingPlan
 from loaders.sources import H5adSpec
-from streaming_data import SELECTION, grouped_adata, source_and_plan
 
 N_CELLS, BATCH, IO = 2400, 60, 500
 

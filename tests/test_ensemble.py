@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from model_data import cellbench_sng, tiny_config
+
 from scpermut_dist.api import fit, load_reference
-from scpermut_dist.cli import UsageError
-from scpermut_dist.trainer import predict_proba
+from scpermut_dist.errors import UsageError
+from scpermut_dist.mapping.predict import predict_proba
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scpermut_dist import evaluate
-from scpermut_dist.cli import main
+from scpermut_dist.commands.main import main
 from scpermut_dist.config import RunConfig
+from scpermut_dist.evaluation import lobo as evaluate
 
 TINY = ["train.max_epochs=2", "model.hidden_sizes=[32]", "model.latent_dim=8", "data.n_hvg=200",
         "model.classifier_hidden=16", "model.dann_hidden=16", "train.batch_size=64"]
@@ -194,7 +194,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(kang_small, tmp_path, 
 
 
 def test_plots_write_pngs_and_fall_back_to_pca_for_tiny_latents(tmp_path):
-    from scpermut_dist import plots
+    from scpermut_dist.evaluation import plots
 
     z = np.random.default_rng(0).normal(size=(6, 4))
     how = plots.latent_views(z, list("aabbcc"), list("xyxyxy"), tmp_path / "l.png", is_query=[0, 0, 0, 1, 1, 1])

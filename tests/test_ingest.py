@@ -102,7 +102,7 @@ def test_bad_paths(kang, tmp_path):
 
 
 def test_cli_ingest(kang, tmp_path, capsys):
-    from scpermut_dist.cli import main
+    from scpermut_dist.commands.main import main
 
     path = tmp_path / "kang.h5ad"
     kang.write_h5ad(path)

@@ -7,7 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scpermut_dist import baselines, metrics
+from scpermut_dist.evaluation import baselines, metrics
 
 
 def test_classification_metrics_hand_computed():

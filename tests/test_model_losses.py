@@ -6,9 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scpermut_dist.losses import LossWeights, balanced_alpha, confusion_loss, focal_loss, total_loss
-from scpermut_dist.module import GradientReversal, ScPermutModule
-from scpermut_dist.split import stratified_split
+from scpermut_dist.model.losses import (
+    LossWeights,
+    balanced_alpha,
+    confusion_loss,
+    focal_loss,
+    total_loss,
+)
+from scpermut_dist.model.module import GradientReversal, ScPermutModule
+from scpermut_dist.train.split import stratified_split
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.3])

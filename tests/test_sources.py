@@ -11,7 +11,13 @@ import tiledbsoma as soma
 
 from loaders.errors import DataError
 from loaders.selection import CellSelection
-from loaders.sources import (AnnDataSource, CensusSpec, H5adSpec, SomaExperimentSpec, spec_from_uri)
+from loaders.sources import (
+    AnnDataSource,
+    CensusSpec,
+    H5adSpec,
+    SomaExperimentSpec,
+    spec_from_uri,
+)
 from loaders.synth import synthesize_anndata, synthesize_census
 
 LUNG = "is_primary_data == True and tissue_general == 'lung'"

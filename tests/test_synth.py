@@ -159,7 +159,7 @@ def test_refuses_existing_destination_and_leaves_nothing(tmp_path):
 
 
 def test_cli_synth(tmp_path, capsys):
-    from scpermut_dist.cli import main
+    from scpermut_dist.commands.main import main
 
     out = tmp_path / "cli_store"
     assert main(["synth", "--cells", "600", "--genes", "80", "--out", str(out), "--seed", "1", "--datasets", "3",

@@ -6,15 +6,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+from model_data import cellbench_sng, tiny_config
 
 from loaders.sources import AnnDataSource
-from model_data import cellbench_sng, tiny_config
-from scpermut_dist.api import _loader_factory, fit
-from scpermut_dist.losses import LossWeights
-from scpermut_dist.module import MODULE_NAMES, ScPermutModule
-from scpermut_dist.preprocess import prepare_reference
-from scpermut_dist.schedule import Stage, scheme_stages
-from scpermut_dist.trainer import Trainer, ValidationSet
+from scpermut_dist.api import fit
+from scpermut_dist.model.losses import LossWeights
+from scpermut_dist.model.module import MODULE_NAMES, ScPermutModule
+from scpermut_dist.model.schedule import Stage, scheme_stages
+from scpermut_dist.train.preprocess import prepare_reference
+from scpermut_dist.train.reference import _loader_factory
+from scpermut_dist.train.trainer import Trainer, ValidationSet
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_stage_length_in_cells_seen(prepared):
 
 
 def test_validation_nll_breaks_accuracy_ties():
-    from scpermut_dist.trainer import Trainer
+    from scpermut_dist.train.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
     t._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0}

@@ -6,7 +6,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from model_data import cellbench_sng, tiny_config
 
 

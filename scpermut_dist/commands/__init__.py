@@ -1,1 +1,1 @@
-"""Sub-commands of `scpermut`; see `scpermut_dist.cli`."""
+"""Sub-commands of `scpermut`; see `scpermut_dist.commands.main`."""

@@ -32,8 +32,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scpermut_dist import ablation
-    from scpermut_dist.cli import UsageError, parse_seeds
+    from scpermut_dist.commands.main import parse_seeds
+    from scpermut_dist.errors import UsageError
+    from scpermut_dist.evaluation import ablation
 
     seeds = parse_seeds(args.seeds)
     for name in ("n_cells", "n_genes"):

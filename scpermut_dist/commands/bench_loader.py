@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
 
     from loaders.bench import BenchConfig, compare
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.errors import UsageError
 
     if args.cells is not None and args.cells < args.batch_size:
         raise UsageError(f"--cells ({args.cells}) must be at least --batch-size ({args.batch_size}).")

@@ -43,12 +43,12 @@ def run(args: argparse.Namespace) -> int:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     from scpermut_dist.api import fit
-    from scpermut_dist.cli import UsageError
     from scpermut_dist.config import RunConfig
-    from scpermut_dist.mapping import write_h5ad_atomic
-    from scpermut_dist.preprocess import encode
-    from scpermut_dist.split import stratified_split
-    from scpermut_dist.trainer import format_record
+    from scpermut_dist.errors import UsageError
+    from scpermut_dist.mapping.align import write_h5ad_atomic
+    from scpermut_dist.train.preprocess import encode
+    from scpermut_dist.train.split import stratified_split
+    from scpermut_dist.train.trainer import format_record
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

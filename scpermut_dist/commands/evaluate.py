@@ -74,7 +74,7 @@ def check_out_dir(out: str) -> None:
     """Refuse to replace a folder that is not a previous report (protects e.g. `--out .`)."""
     from pathlib import Path
 
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.errors import UsageError
 
     p = Path(out)
     if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not (p / "metrics.json").exists())):
@@ -82,8 +82,9 @@ def check_out_dir(out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scpermut_dist import evaluate
-    from scpermut_dist.cli import UsageError, parse_seeds
+    from scpermut_dist.commands.main import parse_seeds
+    from scpermut_dist.errors import UsageError
+    from scpermut_dist.evaluation import lobo as evaluate
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHOD_NAMES]

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.errors import UsageError
 
     if args.chunk_cells is not None and args.chunk_cells < 1:
         raise UsageError("--chunk-cells must be >= 1")

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import json
 
-    from scpermut_dist.cli import UsageError
+    from scpermut_dist.errors import UsageError
 
     if args.cells < 1 or args.genes < 10 or args.chunk_cells < 1:
         raise UsageError("--cells must be >= 1, --genes >= 10 and --chunk-cells >= 1")

@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     from loaders.sources import spec_from_uri
     from scpermut_dist.api import config_with_data_keys, train_reference
-    from scpermut_dist.checkpoint import MANIFEST
-    from scpermut_dist.cli import UsageError
     from scpermut_dist.config import RunConfig
-    from scpermut_dist.trainer import format_record
+    from scpermut_dist.errors import UsageError
+    from scpermut_dist.mapping.checkpoint import MANIFEST
+    from scpermut_dist.train.trainer import format_record
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):

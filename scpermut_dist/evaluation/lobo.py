@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from loaders.errors import DataError
-from scpermut_dist import baselines, metrics, plots
+from scpermut_dist.evaluation import baselines, metrics, plots
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def reference_genes(ref: ad.AnnData, fold: Fold, config) -> list[str]:
     """The genes (HVGs) scPermut would choose on the reference alone."""
     from loaders.sources import AnnDataSource
     from scpermut_dist.api import config_with_data_keys
-    from scpermut_dist.preprocess import prepare_reference
+    from scpermut_dist.train.preprocess import prepare_reference
 
     cfg = config_with_data_keys(config, fold.label_key, fold.batch_key, None, None)
     prep = prepare_reference(lambda sel: AnnDataSource(ref, sel, cfg.data.layer, where="reference"), cfg.data)

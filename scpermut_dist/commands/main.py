@@ -11,12 +11,9 @@ import logging
 import sys
 
 from loaders.errors import DataError
+from scpermut_dist.errors import UsageError
 
 COMMANDS = ("train", "map", "evaluate", "demo", "ingest", "synth", "bench")
-
-
-class UsageError(ValueError):
-    """A bad option or configuration value; the message says how to fix it."""
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

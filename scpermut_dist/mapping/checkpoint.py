@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from loaders.normalize import Normalization
-from scpermut_dist.cli import UsageError
 from scpermut_dist.config import RunConfig
+from scpermut_dist.errors import UsageError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

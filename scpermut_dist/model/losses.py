@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scpermut_dist.module import ModuleOutput
+from scpermut_dist.model.module import ModuleOutput
 
 
 def balanced_alpha(sampled_class_freq: np.ndarray) -> torch.Tensor:

@@ -25,9 +25,16 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, adjusted_rand_score, balanced_accuracy_score,
-                             cohen_kappa_score, f1_score, matthews_corrcoef,
-                             normalized_mutual_info_score, silhouette_score)
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    matthews_corrcoef,
+    normalized_mutual_info_score,
+    silhouette_score,
+)
 from sklearn.neighbors import NearestNeighbors
 
 # (name, lower, upper) in fraction of reference cells: [lower, upper)

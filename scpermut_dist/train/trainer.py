@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -19,9 +18,11 @@ import torch
 from torch import nn
 
 from loaders.batch import PairedBatch
-from scpermut_dist.losses import LossWeights, balanced_alpha, total_loss
-from scpermut_dist.module import ScPermutModule
-from scpermut_dist.schedule import Stage
+from loaders.sharding import dist_rank_world
+from scpermut_dist.mapping.predict import predict_proba
+from scpermut_dist.model.losses import LossWeights, balanced_alpha, total_loss
+from scpermut_dist.model.module import ScPermutModule
+from scpermut_dist.model.schedule import Stage
 
 log = logging.getLogger(__name__)
 
@@ -47,46 +48,10 @@ class ValidationSet:
         return int(self.label_n.shape[0])
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else env RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-@torch.no_grad()
-def predict_proba(module: ScPermutModule | Sequence[ScPermutModule], x_ng: torch.Tensor, chunk: int = 4096
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(latent, probabilities) with encoders and classifiers in eval mode, in bounded-size chunks.
-
-    An ensemble (a list of members) gives the first member's latent (the reference's embedding) and the
-    members' mean probabilities.
-    """
-    members = [module] if isinstance(module, ScPermutModule) else list(module)
-    parts = [m for member in members for m in (member.encoder, member.classifier)]
-    modes = [m.training for m in parts]
-    for m in parts:
-        m.eval()
-    device = next(members[0].parameters()).device
-    zs, ps = [], []
-    try:
-        for start in range(0, x_ng.shape[0], chunk):
-            x = x_ng[start:start + chunk].to(device)
-            z = members[0].encoder(x)
-            p = torch.softmax(members[0].classifier(z), dim=1)
-            for member in members[1:]:
-                p += torch.softmax(member.classifier(member.encoder(x)), dim=1)
-            zs.append(z.cpu()), ps.append((p / len(members)).cpu())
-    finally:
-        for m, on in zip(parts, modes):
-            m.train(on)
-    return torch.cat(zs).numpy(), torch.cat(ps).numpy()
 
 
 def validation_metrics(module: ScPermutModule | Sequence[ScPermutModule], val: ValidationSet) -> dict[str, float]:
@@ -112,7 +77,7 @@ class Trainer:
         self.lr, self.seed, self.validation, self.focal_alpha = lr, seed, validation, focal_alpha
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.quiet, self.report, self.dann_lr_mult = quiet, report, float(dann_lr_mult)
-        self.rank, self.world_size = dist_info()
+        self.rank, self.world_size = dist_rank_world()
         single_batch = module.dims["n_batches"] < 2
         self.stages = [s for s in ((x.without_dann() if single_batch else x) for x in stages) if s is not None]
         self.history: list[dict] = []

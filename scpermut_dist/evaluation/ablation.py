@@ -31,7 +31,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from scpermut_dist import metrics
+from scpermut_dist.evaluation import metrics
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
 
 
 def _write_json_atomic(out_dir: Path, name: str, obj: dict) -> None:
-    from scpermut_dist.evaluate import _jsonable
+    from scpermut_dist.evaluation.lobo import _jsonable
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"

@@ -22,8 +22,8 @@ from loaders.errors import DataError
 from loaders.normalize import Normalization
 from loaders.sources.anndata_source import var_with_feature_columns
 from loaders.validate import check_raw_counts
-from scpermut_dist.module import ScPermutModule
-from scpermut_dist.trainer import predict_proba
+from scpermut_dist.mapping.predict import predict_proba
+from scpermut_dist.model.module import ScPermutModule
 
 log = logging.getLogger(__name__)
 MIN_GENE_FRACTION = 0.5

@@ -1,0 +1,1 @@
+"""Benchmarks of label transfer: metrics, baselines, leave-one-batch-out, ablation, plots."""

@@ -1,0 +1,1 @@
+"""Training: reference preparation, the split, the one training loop, and its Ray Train worker wrapper."""
