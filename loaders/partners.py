@@ -35,6 +35,21 @@ class GroupIndex:
         self._cstart = np.concatenate([[0], np.cumsum(counts)]) + int(np.sum(classes < 0))  # unlabelled sort first
         self.class_counts = counts
 
+    _ARRAYS = ("cells", "_groups", "_gstart", "_gcount", "_cstart", "class_counts")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (built once, shareable read-only across processes, e.g. through shared memory)."""
+        return {"span": np.array(self._span), **{k: getattr(self, k) for k in self._ARRAYS}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "GroupIndex":
+        """The index over `to_arrays()` output, without copying (arrays may be read-only views)."""
+        index = cls.__new__(cls)
+        index._span = int(arrays["span"])
+        for k in cls._ARRAYS:
+            setattr(index, k, arrays[k])
+        return index
+
     def draw_other(self, classes: np.ndarray, keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One uniform draw per query among same-class cells whose key differs; -1 where none exists."""
         classes = np.asarray(classes, dtype=np.int64)
@@ -86,6 +101,8 @@ class PartnerIndex:
         self._cells, self._labels, self._batches, self._chunks = cells, labels, batches, chunks
         self._n_classes = n_classes
         self._by: dict[str, GroupIndex] = {}
+
+    KINDS = ("batch", "chunk")
 
     def by(self, what: str) -> GroupIndex:
         if what not in self._by:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loaders.errors import DataError
-from loaders.partners import PartnerIndex, choose_partners
+from loaders.partners import GroupIndex, PartnerIndex, choose_partners
 from loaders.sharding import assign_pools, largest_remainder
 
 # Measured on a 1M-cell Census-shaped store (`scpermut bench loader --sweep`): 128-cell blocks gathered into
@@ -321,6 +321,49 @@ class SamplingPlan:
             d = self.draw(epoch, task, io_batch_cells)
             for k in range(len(task.batch_sizes)):
                 yield d.anchors[d.bounds[k]:d.bounds[k + 1]], d.partners[d.bounds[k]:d.bounds[k + 1]]
+
+    # ---- sharing one plan between processes -------------------------------------------------
+    def to_arrays(self, io_batch_cells: int = DEFAULT_IO_BATCH_CELLS) -> dict[str, np.ndarray]:
+        """Every per-cell array the plan streams from, caches built: build once (one process), share read-only.
+
+        With `from_arrays` in each rank, per-rank memory no longer grows with the atlas (the arrays can sit
+        in shared memory, e.g. Ray's object store), and no rank repeats the O(cells) sorts of the partner index.
+        """
+        block = 1 if len(self.cells) <= io_batch_cells else self.block_cells
+        out = {"labels": self.labels, "batches": self.batches, "chunks": self.chunks, "cells": self.cells,
+               "class_counts": self.class_counts, "n_unlabelled": np.array(self.n_unlabelled),
+               "n_classes": np.array(self.n_classes), "block_size": np.array(block),
+               "blocks": self.blocks(block), "block_weights": self.block_weights(block),
+               "balance": np.array(self.balance)}  # block weights depend on it
+        if self.permute:
+            for kind in PartnerIndex.KINDS:
+                out.update({f"partners_{kind}.{k}": v for k, v in self.partner_index().by(kind).to_arrays().items()})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], balance: float = 0.0, permute: bool = True, seed: int = 0,
+                    cells_per_epoch: int | None = None, block_cells: int = DEFAULT_BLOCK_CELLS) -> "SamplingPlan":
+        """A plan over `to_arrays()` output with no per-cell work or copy (the arrays may be read-only)."""
+        plan = cls.__new__(cls)
+        plan.labels, plan.batches, plan.chunks, plan.cells = (arrays[k] for k in ("labels", "batches", "chunks", "cells"))
+        plan.class_counts, plan.n_unlabelled = arrays["class_counts"], int(arrays["n_unlabelled"])
+        plan.n_classes = int(arrays["n_classes"])
+        plan.balance, plan.permute, plan.seed = float(balance), bool(permute), int(seed)
+        plan.cells_per_epoch = None if cells_per_epoch is None else int(cells_per_epoch)
+        plan.block_cells = int(block_cells)
+        plan._weights = plan._class_weights()
+        block = int(arrays["block_size"])
+        plan._blocks = {block: arrays["blocks"]}
+        if float(balance) == float(arrays.get("balance", balance)):
+            plan._blocks[-block] = arrays["block_weights"]
+        plan._index = None
+        if permute and "partners_batch.cells" in arrays:
+            plan._index = PartnerIndex(plan.cells, plan.labels, plan.batches, plan.chunks, plan.n_classes)
+            for kind in PartnerIndex.KINDS:
+                prefix = f"partners_{kind}."
+                plan._index._by[kind] = GroupIndex.from_arrays(
+                    {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        return plan
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

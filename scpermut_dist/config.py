@@ -42,6 +42,8 @@ class DataConfig(_Section):
     min_cells_per_gene: int = Field(1, ge=0)
     val_fraction: float = Field(0.2, gt=0.0, le=0.5)
     val_max_cells: int = Field(20000, ge=1)
+    val_min_per_class: int = Field(10, ge=0)  # rare types keep validation cells when val_max_cells caps the rest
+    val_split: Literal["cell", "batch"] = "cell"  # "batch": hold out whole batches (donors/datasets)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @field_validator("batch_keys", mode="before")
@@ -92,6 +94,8 @@ class TrainConfig(_Section):
     patience: int = Field(20, ge=1)
     num_threads: int | None = Field(None, ge=1)
     device: str = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    checkpoint_every_steps: int = Field(500, ge=1)  # Ray runs: mid-epoch checkpoint period (and at stage ends)
 
     @field_validator("device")
     @classmethod

@@ -14,7 +14,7 @@ from scpermut_dist.model.losses import LossWeights
 from scpermut_dist.model.module import MODULE_NAMES, ScPermutModule
 from scpermut_dist.model.schedule import Stage, scheme_stages
 from scpermut_dist.train.preprocess import prepare_reference
-from scpermut_dist.train.reference import _loader_factory
+from scpermut_dist.train.reference import MemberSplit, _loader_factory
 from scpermut_dist.train.trainer import Trainer, ValidationSet
 
 
@@ -53,7 +53,7 @@ class Recording:
 
 
 def _trainer(prep, cfg, train_all, train_lab, validation, stages, module, wrap=lambda x: x):
-    make = _loader_factory(prep, cfg, train_all, train_lab)
+    make = _loader_factory(prep, cfg, MemberSplit(0, np.zeros(0, np.int64), train_all, train_lab), 0)
     return Trainer(module, stages, lambda s, i: wrap(make(s, i)), LossWeights.from_config(cfg.loss),
                    seed=0, validation=validation)
 
@@ -212,7 +212,7 @@ def test_validation_nll_breaks_accuracy_ties():
 def test_the_adversary_learns_on_its_own_time_scale(prepared):
     prep, cfg, train_all, train_lab, validation = prepared
     module = _module(prep, cfg)
-    make = _loader_factory(prep, cfg, train_all, train_lab)
+    make = _loader_factory(prep, cfg, MemberSplit(0, np.zeros(0, np.int64), train_all, train_lab), 0)
     stage = Stage(name="w", cells="all", trains=["encoder", "decoder", "dann"], losses=["dann", "rec"], epochs=1)
     t = Trainer(module, [stage], make, LossWeights.from_config(cfg.loss), lr=1e-3, dann_lr_mult=10.0)
     t.fit()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -41,50 +42,77 @@ def config_with_data_keys(cfg: RunConfig, label_key, batch_key, unlabeled_value,
     return RunConfig.validate_dict(data).apply_overrides(sets)
 
 
+@dataclass
+class MemberSplit:
+    """One ensemble member's seed and cells: validation sample, training cells (all / labelled only)."""
+
+    seed: int
+    val: np.ndarray
+    train_all: np.ndarray
+    train_lab: np.ndarray
+
+    def cells(self, kind: str) -> np.ndarray:
+        return self.train_all if kind == "all" else self.train_lab
+
+
+@dataclass
+class RunProgress:
+    """Where an ensemble run stands: finished members (weights, metrics) and time spent (resumable)."""
+
+    member: int = 0
+    finished: list[dict] = field(default_factory=list)  # state dicts of members 0..member-1
+    member_metrics: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"member": self.member, "finished": self.finished, "member_metrics": self.member_metrics,
+                "history": self.history, "train_seconds": self.train_seconds}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RunProgress":
+        return cls(**state)
+
+
+class RunHooks(Protocol):
+    """What a launcher plugs into training: periodic checkpoints and metric reports (see train.ray_worker)."""
+
+    every_steps: int | None
+
+    def on_step(self, trainer: Trainer, progress: RunProgress) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, progress: RunProgress) -> None: ...
+
+
 def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir: str | Path | None = None,
                     quiet: bool = True, report: Callable[[dict], None] | None = None) -> Reference:
-    """The one training entry point: prepare the reference, split, train the stages, (optionally) save."""
+    """In-process training: prepare the reference, split, train every member's stages, (optionally) save."""
     t_start = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
-    codes_qc = np.full_like(prep.label_codes, -1)
-    codes_qc[prep.cells] = prep.label_codes[prep.cells]
-    members, history, member_metrics, train_s = [], [], [], 0.0
-    for k in range(cfg.model.ensemble_size):
-        # Each member its own validation split, init, sampling and partners: bagging-like diversity (with one
-        # shared split, three Kang members averaged no better than one).
-        member_cfg = cfg.apply_overrides([f"train.seed={member_seed(cfg.train.seed, k)}"])
-        train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells,
-                                          member_cfg.train.seed)
-        train_all = np.setdiff1d(prep.cells, val, assume_unique=True)
-        validation = _read_validation(prep, val)
-        if cfg.model.ensemble_size > 1 and not quiet:
-            log.info("ensemble member %d of %d", k + 1, cfg.model.ensemble_size)
-        trainer, seconds = _train_member(prep, member_cfg, train_all, train_lab, validation, quiet, report)
-        members.append(trainer.module)
-        history += [{**r, "member": k} for r in trainer.history] if cfg.model.ensemble_size > 1 else trainer.history
-        train_s += seconds
-        member_metrics.append({**(validation_metrics(trainer.module, validation) if len(validation) else {}),
-                               "n_val_cells": int(len(val)), "seed": member_cfg.train.seed})
-        if k == 0:
-            n_train_all, n_train_lab = len(train_all), len(train_lab)
-    # Each member is scored on its own held-out cells; the ensemble reports their mean.
-    metrics = {key: float(np.mean([m[key] for m in member_metrics])) for key in member_metrics[0] if key != "seed"}
-    metrics["n_val_cells"] = member_metrics[0]["n_val_cells"]
-    cells = sum(r["cells"] for r in history)
-    summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
-               "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
-               "n_train_cells": int(n_train_all), "n_train_labelled": int(n_train_lab),
-               "stages": [s.name for s in trainer.stages], "ensemble_size": len(members), **metrics,
-               **({"members": member_metrics} if len(members) > 1 else {})}
-    ref = Reference(members[0], cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,
-                    prep.batches, prep.normalization, prep.description, metrics, summary, history,
-                    extra_members=members[1:])
-    prep.source.close()
+    try:
+        ref = train_members(prep, member_splits(prep, cfg), cfg, quiet=quiet, report=report, t_start=t_start)
+    finally:
+        prep.source.close()
     if out_dir is not None and dist_rank_world()[0] == 0:
         ref.save(out_dir)
     return ref
+
+
+def member_splits(prep: PreparedReference, cfg: RunConfig) -> list[MemberSplit]:
+    """Each member its own validation split, init, sampling and partners: bagging-like diversity (with one
+    shared split, three Kang members averaged no better than one)."""
+    codes_qc = np.full(len(prep.label_codes), -1, dtype=np.int64)
+    codes_qc[prep.cells] = prep.label_codes[prep.cells]
+    splits = []
+    for k in range(cfg.model.ensemble_size):
+        seed = member_seed(cfg.train.seed, k)
+        groups = prep.batch_codes if cfg.data.val_split == "batch" else None
+        train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells, seed,
+                                          min_per_class=cfg.data.val_min_per_class, groups=groups)
+        splits.append(MemberSplit(seed, val, np.setdiff1d(prep.cells, val, assume_unique=True), train_lab))
+    return splits
 
 
 def member_seed(seed: int, k: int) -> int:
@@ -92,27 +120,105 @@ def member_seed(seed: int, k: int) -> int:
     return seed if k == 0 else seed + 1_000_003 * k
 
 
-def _train_member(prep: PreparedReference, cfg: RunConfig, train_all: np.ndarray, train_lab: np.ndarray,
-                  validation: ValidationSet, quiet: bool, report) -> tuple[Trainer, float]:
-    torch.manual_seed(cfg.train.seed)
+def train_members(prep: PreparedReference, splits: list[MemberSplit], cfg: RunConfig, quiet: bool = True,
+                  report: Callable[[dict], None] | None = None, plans: Callable | None = None,
+                  hooks: RunHooks | None = None, resume: dict | None = None, t_start: float | None = None
+                  ) -> Reference:
+    """Train the members in turn with the one `Trainer` (any world size); `resume` continues a checkpoint."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    progress = RunProgress.from_state(resume["progress"]) if resume else RunProgress()
+    n_classes, n_batches = len(prep.classes), len(prep.batches)
+    members = [_module_from_state(cfg, prep, sd) for sd in progress.finished]
+    for k in range(progress.member, len(splits)):
+        progress.member = k
+        split = splits[k]
+        member_cfg = cfg.apply_overrides([f"train.seed={split.seed}"])
+        validation = read_validation(prep, split.val)
+        if len(splits) > 1 and not quiet:
+            log.info("ensemble member %d of %d", k + 1, len(splits))
+        torch.manual_seed(member_cfg.train.seed)
+        module = ScPermutModule.from_config(cfg.model, len(prep.genes), n_classes, n_batches)
+        trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, member_cfg, split, k, plans),
+                          LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=member_cfg.train.seed,
+                          validation=validation, focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device,
+                          quiet=quiet, report=report, dann_lr_mult=cfg.train.dann_lr_mult,
+                          precision=cfg.train.precision)
+        if resume is not None and resume.get("trainer") is not None:
+            trainer.load_state_dict(resume["trainer"])
+        resume = None
+        t0 = time.perf_counter()
+        fit_hooks = {} if hooks is None else {
+            "on_step": lambda t: hooks.on_step(t, progress), "every_steps": hooks.every_steps,
+            "on_epoch_end": lambda t: hooks.on_epoch_end(t, progress)}
+        trainer.fit(**fit_hooks)
+        progress.train_seconds += time.perf_counter() - t0
+        tagged = [{**r, "member": k} for r in trainer.history] if len(splits) > 1 else trainer.history
+        progress.history += tagged
+        scores = validation_metrics(module, validation) if _any_validation(validation) else {}
+        progress.member_metrics.append({**scores, "n_val_cells": int(len(split.val)), "seed": split.seed})
+        module.cpu().eval()
+        members.append(module)
+        progress.finished.append({k2: v.detach().cpu() for k2, v in module.state_dict().items()})
+        progress.member = k + 1
+        if hooks is not None:
+            hooks.on_epoch_end(trainer, progress)  # a member boundary: the next one starts from scratch
+    return _reference(prep, cfg, splits, members, progress, t_start)
+
+
+def _reference(prep: PreparedReference, cfg: RunConfig, splits: list[MemberSplit], members: list[ScPermutModule],
+               progress: RunProgress, t_start: float) -> Reference:
+    # Each member is scored on its own held-out cells; the ensemble reports their mean.
+    mm = progress.member_metrics
+    metrics = {key: float(np.mean([m[key] for m in mm])) for key in mm[0] if key != "seed"}
+    metrics["n_val_cells"] = mm[0]["n_val_cells"]
+    cells, train_s = sum(r["cells"] for r in progress.history), progress.train_seconds
+    summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+               "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
+               "n_train_cells": int(len(splits[0].train_all)), "n_train_labelled": int(len(splits[0].train_lab)),
+               "stages": sorted({r["stage"] for r in progress.history}, key=[r["stage"] for r in progress.history].index),
+               "ensemble_size": len(members), "world_size": dist_rank_world()[1], **metrics,
+               **({"members": mm} if len(members) > 1 else {})}
+    return Reference(members[0], cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,
+                     prep.batches, prep.normalization, prep.description, metrics, summary, progress.history,
+                     extra_members=members[1:])
+
+
+def _module_from_state(cfg: RunConfig, prep: PreparedReference, state_dict: dict) -> ScPermutModule:
     module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
-    trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, cfg, train_all, train_lab),
-                      LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=cfg.train.seed, validation=validation,
-                      focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device, quiet=quiet, report=report,
-                      dann_lr_mult=cfg.train.dann_lr_mult)
-    t0 = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - t0
-    module.cpu().eval()
-    return trainer, seconds
+    module.load_state_dict(state_dict)
+    return module.eval()
 
 
-def _read_validation(prep: PreparedReference, val: np.ndarray) -> ValidationSet:
-    """The fixed validation sample, read and normalised once (bounded by data.val_max_cells)."""
-    if len(val) == 0:
+def _any_validation(validation: ValidationSet) -> bool:
+    """True on every rank when any rank holds validation cells (the metrics are a collective under DDP)."""
+    from scpermut_dist.train.trainer import agree
+
+    return agree(len(validation) > 0) if dist_rank_world()[1] > 1 else len(validation) > 0
+
+
+def read_validation(prep: PreparedReference, val: np.ndarray) -> ValidationSet:
+    """This rank's shard of the fixed validation sample, read and normalised once (metrics reduce over ranks)."""
+    rank, world = dist_rank_world()
+    mine = np.asarray(val)[rank::world]
+    if len(mine) == 0:
         return ValidationSet(torch.zeros(0, len(prep.genes)), torch.zeros(0, dtype=torch.long))
-    x = prep.normalization.apply_dense(prep.source.read_counts(val))
-    return ValidationSet(torch.from_numpy(x), torch.from_numpy(prep.label_codes[val]).long())
+    x = prep.normalization.apply_dense(prep.source.read_counts(mine))
+    return ValidationSet(torch.from_numpy(x), torch.from_numpy(np.asarray(prep.label_codes)[mine].astype(np.int64)))
+
+
+def per_rank_batch_size(global_batch: int, world: int) -> int:
+    """Minibatch per rank for a global batch defined independently of the worker count (DDP averages the
+    ranks' gradients, so the step equals one on the global batch at the same learning rate)."""
+    per_rank = global_batch // world
+    if per_rank < 2:
+        from scpermut_dist.errors import UsageError
+
+        raise UsageError(f"train.batch_size={global_batch} is the global batch: with {world} workers each gets "
+                         f"{per_rank} cell(s); raise train.batch_size to at least {2 * world}")
+    if per_rank * world != global_batch:
+        log.warning("train.batch_size=%d is not a multiple of %d workers: the global batch is %d",
+                    global_batch, world, per_rank * world)
+    return per_rank
 
 
 class _StageData:
@@ -137,27 +243,37 @@ class _StageData:
         self.dataset.load_state_dict(state)
 
 
-def _loader_factory(prep: PreparedReference, cfg: RunConfig, train_all: np.ndarray, train_lab: np.ndarray):
+def _loader_factory(prep: PreparedReference, cfg: RunConfig, split: MemberSplit, member: int,
+                    plans: Callable | None = None):
+    """Each stage's data. `plans(member, stage, stage_index)` may hand over a plan built elsewhere (the Ray
+    driver builds plans once and shares their arrays); otherwise the plan is built here from the codes."""
     from loaders.dataset import PairedCellDataset
-    from loaders.sampling import SamplingPlan
 
-    chunks = prep.source.chunk_ids()
+    batch_size = per_rank_batch_size(cfg.train.batch_size, dist_rank_world()[1])
 
     def make(stage, index: int) -> _StageData:
-        cells = train_all if stage.cells == "all" else train_lab
-        if len(cells) == 0:
-            from loaders.errors import DataError
-
-            raise DataError(f"stage {stage.name}: no {stage.cells} training cells")
-        plan = SamplingPlan(labels=prep.label_codes, batches=prep.batch_codes, chunks=chunks, cells=cells,
-                            balance=cfg.data.sampling.balance, permute=stage.permutation,
-                            seed=cfg.train.seed * 1000 + index, cells_per_epoch=stage.cells_per_epoch,
-                            n_classes=len(prep.classes))
+        plan = plans(member, stage, index) if plans is not None else None
+        if plan is None:
+            plan = build_plan(prep, cfg, split.cells(stage.cells), stage, index)
         # The opened source, not the spec: in-process it avoids re-opening the file per stage, and an h5ad
         # source pickles as its spec should DataLoader workers be used.
-        ds = PairedCellDataset(prep.source, plan, normalization=prep.normalization, batch_size=cfg.train.batch_size,
+        ds = PairedCellDataset(prep.source, plan, normalization=prep.normalization, batch_size=batch_size,
                                io_batch_cells=cfg.data.sampling.io_batch_cells, prefetch=cfg.data.sampling.prefetch,
                                drop_last=False)
         return _StageData(ds, plan)
 
     return make
+
+
+def build_plan(prep: PreparedReference, cfg: RunConfig, cells: np.ndarray, stage, index: int, chunks=None):
+    """The sampling plan of one stage of one member (its seed from the member's seed and the stage index)."""
+    from loaders.errors import DataError
+    from loaders.sampling import SamplingPlan
+
+    if len(cells) == 0:
+        raise DataError(f"stage {stage.name}: no {stage.cells} training cells")
+    return SamplingPlan(labels=prep.label_codes, batches=prep.batch_codes,
+                        chunks=prep.source.chunk_ids() if chunks is None else chunks, cells=cells,
+                        balance=cfg.data.sampling.balance, permute=stage.permutation,
+                        seed=cfg.train.seed * 1000 + index, cells_per_epoch=stage.cells_per_epoch,
+                        n_classes=len(prep.classes))
