@@ -29,7 +29,19 @@ class SamplingConfig(_Section):
     prefetch: int = Field(2, ge=1)  # IO pools read ahead by a background thread
 
 
+class GenerateConfig(_Section):
+    """A Census-shaped store to generate (`scpermut synth`) at `data.source` when it does not exist yet."""
+
+    cells: int = Field(ge=1)
+    genes: int = Field(ge=10)
+    seed: int = 0
+    datasets: int | None = Field(None, ge=1)
+
+
 class DataConfig(_Section):
+    source: str | None = None  # h5ad file, SOMA Experiment or Census-shaped collection (--h5ad / --store)
+    organism: str | None = None  # Census-shaped collections: e.g. "Homo sapiens"
+    generate: GenerateConfig | None = None
     label_key: str | None = None
     batch_keys: list[str] = Field(default_factory=list)
     unlabeled_value: str | list[str] | None = None

@@ -155,6 +155,11 @@ class Trainer:
     def epoch(self) -> int:
         return int(self._pos["epoch"])
 
+    @property
+    def stage_done(self) -> bool:
+        """The current stage has run its last epoch (or stopped early)."""
+        return bool(self._stage_state.get("done"))
+
     # ----- resumable state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume at this point, mid-epoch included (tensors are live references)."""
@@ -182,7 +187,7 @@ class Trainer:
         for index in range(self._pos["stage_index"], len(self.stages)):
             stage = self.stages[index]
             resuming = resume is not None and index == self._pos["stage_index"] and \
-                (self._pos["epoch"] > 0 or self._epoch_acc["n_steps"] > 0)
+                (self._pos["epoch"] > 0 or self._epoch_acc["consumed"] > 0)
             if not resuming:
                 self._pos.update(stage_index=index, epoch=0, cells_seen=0)
                 self._epoch_acc = _empty_acc()
@@ -269,10 +274,10 @@ class Trainer:
         self._loader.set_epoch(epoch)  # keeps a resumed mid-epoch position
         batches: Iterable[PairedBatch] = self._loader
         acc = self._epoch_acc
+        total = len(self._loader) if hasattr(self._loader, "__len__") else None
         if not self.quiet and self.rank == 0:
             from tqdm.auto import tqdm
 
-            total = len(self._loader) if hasattr(self._loader, "__len__") else None
             batches = tqdm(batches, total=total, initial=acc["n_steps"], leave=False, unit="batch",
                            desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
         sums: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=self.device)
@@ -280,13 +285,17 @@ class Trainer:
         acc["sums"] = sums
         t0 = time.perf_counter() - acc["seconds"]
         for batch in batches:
+            acc["consumed"] += 1
             if len(batch) >= 2:  # BatchNorm cannot train on one cell (a short last batch is the same on every rank)
                 self._train_step(net, stage, batch.to(self.device, non_blocking=True), alpha, sums)
                 acc["n_cells"] += len(batch)
                 acc["n_steps"] += 1
                 self._pos["step"] += 1
             acc["seconds"] = time.perf_counter() - t0
-            if on_step is not None and every_steps and self._pos["step"] % every_steps == 0 and len(batch) >= 2:
+            # Not on the epoch's last batch: its state would read "next epoch" before the epoch is closed, and
+            # the epoch-end hook follows at once anyway.
+            if on_step is not None and every_steps and self._pos["step"] % every_steps == 0 and len(batch) >= 2 \
+                    and (total is None or acc["consumed"] < total):
                 on_step(self)
         if self.world_size > 1:
             self._sync_buffers()
@@ -339,7 +348,7 @@ def format_record(r: dict) -> str:
 
 def _empty_acc() -> dict:
     """A running epoch: loss sums, cells, steps and seconds so far (checkpointed, so a resume continues it)."""
-    return {"sums": {}, "n_cells": 0, "n_steps": 0, "seconds": 0.0}
+    return {"sums": {}, "n_cells": 0, "n_steps": 0, "consumed": 0, "seconds": 0.0}
 
 
 def _acc_to_floats(acc: dict) -> dict:

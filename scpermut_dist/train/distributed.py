@@ -1,0 +1,141 @@
+"""The driver of a Ray Train run: prepare once, share the per-cell arrays, run `TorchTrainer`, collect the model.
+
+Assumes Ray is initialised (see `launch.ray_session`). Bad input fails here, before any worker starts:
+preparation opens the source, checks the label column and the filter, QCs and picks genes on the driver.
+The run folder holds `prepared/` (reused by restarts and re-runs), `metrics.jsonl`, `workers/`, the Ray
+storage (`ray/<name>/checkpoint_*`, unless `storage_path` points elsewhere) and, at the end, `model/`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from scpermut_dist.config import RunConfig
+from scpermut_dist.errors import UsageError
+from scpermut_dist.train.prepared import (
+    PreparedArrays,
+    fingerprint,
+    load_prepared,
+    save_prepared,
+)
+from scpermut_dist.train.preprocess import prepare_reference, selection_from_config
+from scpermut_dist.train.ray_worker import MODEL_DIR, WorkerJob, train_loop_per_worker
+from scpermut_dist.train.reference import build_plan, member_splits
+
+log = logging.getLogger(__name__)
+RUN_NAME = "scpermut"
+
+
+@dataclass
+class Scaling:
+    workers: int = 2
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    max_failures: int = 2
+
+    def check(self) -> None:
+        if self.workers < 1:
+            raise UsageError(f"--workers {self.workers}: need at least 1 worker")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0 or self.max_failures < 0:
+            raise UsageError("--gpus-per-worker must be >= 0, --cpus-per-worker > 0 and --max-failures >= 0")
+
+
+def prepare_run(uri: str, factory: Callable, cfg: RunConfig, run_dir: Path, quiet: bool = True) -> PreparedArrays:
+    """The run's preparation: loaded from RUN_DIR/prepared when this run made it already, else computed once."""
+    fp = fingerprint(uri, cfg.data)
+    stored = load_prepared(run_dir / "prepared", fp)
+    if stored is not None:
+        log.info("reusing the preparation in %s", run_dir / "prepared")
+        return stored
+    prep = prepare_reference(factory, cfg.data, where=uri, progress=not quiet)
+    try:
+        arrays = PreparedArrays.from_prepared(prep, fp)
+    finally:
+        prep.source.close()
+    save_prepared(arrays, run_dir / "prepared")
+    return arrays
+
+
+def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path, scaling: Scaling,
+               storage_path: str | None = None, quiet: bool = True) -> dict:
+    """Train on `scaling.workers` Ray Train workers; returns the final metrics and the model path."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    scaling.check()
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    arrays = prepare_run(uri, factory, cfg, run_dir, quiet)
+    spec = factory(replace(selection_from_config(cfg.data), genes=tuple(arrays.genes["feature_id"].astype(str))))
+    splits = member_splits(arrays, cfg)
+    codes = {"label_codes": arrays.label_codes, "batch_codes": arrays.batch_codes, "cells": arrays.cells,
+             "chunks": arrays.chunks}
+    job = WorkerJob(config=cfg.model_dump(mode="json"), spec=spec, meta=arrays.meta(), codes_ref=ray.put(codes),
+                    splits_ref=ray.put(splits), plan_refs=_shared_plans(arrays, cfg, splits), run_dir=str(run_dir),
+                    use_gpu=scaling.gpus_per_worker > 0)
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if job.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=job.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path or str(run_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run ended without a checkpoint: {result.error}")
+    model = _collect_model(result.checkpoint, run_dir / MODEL_DIR)
+    return {**(result.metrics or {}), "model": str(model), "wall_seconds": round(time.perf_counter() - t0, 3),
+            "n_cells": int(len(arrays.cells)), "n_genes": int(len(arrays.genes)),
+            "n_classes": len(arrays.classes), "n_batches": len(arrays.batches)}
+
+
+def _shared_plans(arrays: PreparedArrays, cfg: RunConfig, splits) -> dict:
+    """Each member's sampling plans, built once here, their arrays put in the object store (one per distinct
+    cell set and pairing; the stage seed is applied in the worker). Codes travel separately, once."""
+    import ray
+
+    refs: dict = {}
+    for k, split in enumerate(splits):
+        member_cfg = cfg.apply_overrides([f"train.seed={split.seed}"])
+        for index, stage in enumerate(cfg.resolved_stages()):
+            key = (k, stage.cells, bool(stage.permutation))
+            if key in refs:
+                continue
+            plan = build_plan(arrays, member_cfg, split.cells(stage.cells), stage, index, chunks=arrays.chunks)
+            own = {n: a for n, a in plan.to_arrays(cfg.data.sampling.io_batch_cells).items()
+                   if n not in ("labels", "batches", "chunks")}
+            refs[key] = ray.put(own)
+    return refs
+
+
+def _collect_model(checkpoint, dst: Path) -> Path:
+    """Copy the final checkpoint's model folder to RUN_DIR/model with one rename (never half-written)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=dst.parent))
+    try:
+        checkpoint.to_directory(str(tmp / "ckpt"))
+        src = tmp / "ckpt" / MODEL_DIR
+        if not (src / "manifest.json").is_file():
+            raise RuntimeError(f"checkpoint {checkpoint.path} holds no {MODEL_DIR}/ folder")
+        staged = dst.parent / f".{dst.name}.new-{uuid.uuid4().hex[:6]}"
+        os.rename(src, staged)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(dst, old)
+            os.rename(staged, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staged, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

@@ -1,0 +1,105 @@
+"""The outputs of reference preparation, stored once per run (QC, genes, normalisation, encoders, codes).
+
+Preparation streams the whole reference (QC pass, HVG statistics, library sizes): a distributed run does it
+once on the driver, keeps it in RUN_DIR/prepared/ and reuses it on every restart and re-run, instead of
+every rank repeating it. The per-cell codes are compact int32 arrays; the rest is small JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loaders.normalize import Normalization
+from scpermut_dist.config import DataConfig
+from scpermut_dist.errors import UsageError
+
+ARRAYS = ("label_codes", "batch_codes", "cells", "chunks")
+
+
+@dataclass
+class PreparedArrays:
+    """What workers need besides a counts reader: small metadata and int32 per-cell codes."""
+
+    genes: pd.DataFrame
+    normalization: Normalization
+    classes: list[str]
+    batches: list[str]
+    description: dict
+    label_codes: np.ndarray
+    batch_codes: np.ndarray
+    cells: np.ndarray
+    chunks: np.ndarray
+    fingerprint: str
+
+    @classmethod
+    def from_prepared(cls, prep, fingerprint: str) -> "PreparedArrays":
+        return cls(prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.normalization,
+                   list(prep.classes), list(prep.batches), prep.description, _int32(prep.label_codes),
+                   _int32(prep.batch_codes), _int32(prep.cells), _int32(prep.source.chunk_ids()), fingerprint)
+
+    def meta(self) -> dict:
+        return {"genes": self.genes.to_dict(orient="list"), "normalization": self.normalization.to_dict(),
+                "classes": self.classes, "batches": self.batches, "description": self.description,
+                "fingerprint": self.fingerprint}
+
+
+def fingerprint(uri: str, data: DataConfig) -> str:
+    """What preparation depends on: the source and the data settings (not sampling nor the validation split)."""
+    keys = data.model_dump(mode="json", exclude={"sampling", "val_fraction", "val_max_cells", "val_min_per_class",
+                                                 "val_split"})
+    return hashlib.sha256(json.dumps({"uri": str(uri), "data": keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_prepared(arrays: PreparedArrays, folder: str | Path) -> Path:
+    """Write atomically (temporary sibling, then rename): a crash never leaves a half-written preparation."""
+    dst = Path(folder)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        np.savez(tmp / "codes.npz", **{k: getattr(arrays, k) for k in ARRAYS})
+        (tmp / "prepared.json").write_text(json.dumps(arrays.meta(), indent=1, default=_json_default))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def load_prepared(folder: str | Path, expected_fingerprint: str) -> PreparedArrays | None:
+    """The stored preparation, or None if there is none; refuses one made for other data."""
+    d = Path(folder)
+    if not (d / "prepared.json").is_file():
+        return None
+    meta = json.loads((d / "prepared.json").read_text())
+    if meta["fingerprint"] != expected_fingerprint:
+        raise UsageError(f"{d} was prepared for other data or data settings (fingerprint {meta['fingerprint']}, "
+                         f"this run {expected_fingerprint}); use a new --out folder, or delete {d} to start over")
+    with np.load(d / "codes.npz") as z:
+        codes = {k: z[k] for k in ARRAYS}
+    return PreparedArrays(pd.DataFrame(meta["genes"]), Normalization.from_dict(meta["normalization"]),
+                          meta["classes"], meta["batches"], meta["description"], fingerprint=meta["fingerprint"],
+                          **codes)
+
+
+def _int32(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.astype(np.int32) if len(a) == 0 or int(np.abs(a).max()) < 2**31 else a.astype(np.int64)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)
