@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from scpermut_dist.config import RunConfig
@@ -34,7 +35,14 @@ def train_on_ray(uri: str, cfg: RunConfig, args: argparse.Namespace, organism: s
     local_cpus = max(os.cpu_count() or 1, int(scaling.workers * scaling.cpus_per_worker))
     with ray_session(run_dir, args.address, num_cpus=local_cpus, quiet=args.quiet) as where:
         print(f"training on {scaling.workers} worker(s), {where}", flush=True)
-        out = run_on_ray(uri, factory, cfg, run_dir, scaling, storage_path=args.storage_path, quiet=args.quiet)
+        from ray.train import TrainingFailedError
+
+        try:
+            out = run_on_ray(uri, factory, cfg, run_dir, scaling, storage_path=args.storage_path, quiet=args.quiet)
+        except TrainingFailedError as exc:
+            print(f"error: the run failed after {scaling.max_failures} restart(s): {exc}\n"
+                  f"Its checkpoints are kept: re-run the same command (same --out) to resume.", file=sys.stderr)
+            return 1
     print(f"trained on {out['n_cells']} cells ({out['n_classes']} types, {out['n_batches']} batches, "
           f"{out['n_genes']} genes) with {scaling.workers} worker(s) in {out['wall_seconds']:.1f} s, "
           f"{out.get('step', 0)} steps")

@@ -127,8 +127,9 @@ def _member_seed(job: WorkerJob, member: int) -> int:
 
 
 class RayHooks:
-    """Checkpoints every `train.checkpoint_every_steps` steps (mid-epoch too) and at stage and member ends;
-    metrics at every epoch end; all through `ray.train.report`, which every rank calls at the same points."""
+    """Checkpoints every `train.checkpoint_every_steps` steps (mid-epoch too) and at stage and member ends,
+    each with its metrics through `ray.train.report` (every rank calls it at the same points); every epoch's
+    metrics also go to RUN_DIR/metrics.jsonl."""
 
     def __init__(self, job: WorkerJob, cfg: RunConfig, prep: PreparedReference, splits: list[MemberSplit],
                  rank: int, world: int) -> None:
@@ -136,7 +137,7 @@ class RayHooks:
         self.every_steps = cfg.train.checkpoint_every_steps
         self.metrics_path = Path(job.run_dir) / "metrics.jsonl"
         self._last_checkpoint_step: int | None = None
-        self._t0, self._last_report = time.perf_counter(), None
+        self._t0 = time.perf_counter()
 
     # ---- the points training calls -------------------------------------------------------------------
     def on_step(self, trainer: Trainer, progress: RunProgress) -> None:
@@ -148,9 +149,11 @@ class RayHooks:
             return  # the final report (`finish`) checkpoints the finished run
         due = self._last_checkpoint_step is None or trainer.step - self._last_checkpoint_step >= self.every_steps
         record = dict(trainer.history[-1]) if trainer.history and not member_done else {}
-        event = "member_end" if member_done else "epoch_end"
-        self._report(trainer, progress, {"event": event, **record},
-                     checkpoint=member_done or trainer.stage_done or due)
+        event = {"event": "member_end" if member_done else "epoch_end", **record}
+        if member_done or trainer.stage_done or due:
+            self._report(trainer, progress, event, checkpoint=True)
+        else:  # every epoch is logged; a Ray report (a ~1-2 s barrier) only comes with a checkpoint
+            self._append(self._stamp(trainer, progress, event))
 
     def finish(self, ref) -> None:
         """The last report: its checkpoint holds the final model (the driver copies it to RUN_DIR/model)."""
@@ -177,10 +180,7 @@ class RayHooks:
     def _report(self, trainer: Trainer, progress: RunProgress, metrics: dict, checkpoint: bool) -> None:
         import ray.train
 
-        now = time.perf_counter()
-        metrics = {**metrics, "step": trainer.step, "member": progress.member, "world_size": self.world,
-                   "stage": trainer.stage.name if trainer.stage else None, "epoch": metrics.get("epoch", trainer.epoch),
-                   "elapsed_s": round(now - self._t0, 3)}
+        metrics = self._stamp(trainer, progress, metrics)
         state = None
         if checkpoint:
             self._last_checkpoint_step = trainer.step
@@ -197,6 +197,11 @@ class RayHooks:
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _stamp(self, trainer: Trainer, progress: RunProgress, metrics: dict) -> dict:
+        return {**metrics, "step": trainer.step, "member": progress.member, "world_size": self.world,
+                "stage": trainer.stage.name if trainer.stage else None, "epoch": metrics.get("epoch", trainer.epoch),
+                "elapsed_s": round(time.perf_counter() - self._t0, 3)}
 
     def _snapshot(self, trainer: Trainer, progress: RunProgress):
         """The model as it stands (finished members, then the one in training): what `scpermut map` loads."""

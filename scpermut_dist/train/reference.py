@@ -184,7 +184,10 @@ def _reference(prep: PreparedReference, cfg: RunConfig, splits: list[MemberSplit
 
 
 def _module_from_state(cfg: RunConfig, prep: PreparedReference, state_dict: dict) -> ScPermutModule:
-    module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
+    """A module holding `state_dict`, built without drawing from the global RNG: a checkpoint taken mid-run
+    must not shift the dropout stream of the training it snapshots (resume would then differ)."""
+    with torch.random.fork_rng(devices=[]):
+        module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
     module.load_state_dict(state_dict)
     return module.eval()
 
