@@ -65,7 +65,7 @@ def run_k8s(args: argparse.Namespace) -> int:
     if not args.quiet:
         pods, per_pod = kuberay.worker_layout(spec)
         storage_path = kuberay.run_paths(spec)[1]
-        print(f"wrote {out}: RayJob {spec.name}, {spec.workers} workers on {pods} pods x {per_pod} "
-              f"(GPUs per worker {spec.gpus_per_worker}), checkpoints in {storage_path}; "
-              f"kubectl apply -f {out}")
+        kind = f"{spec.gpus_per_worker}-GPU" if spec.gpus_per_worker else "CPU"
+        print(f"wrote {out}: RayJob {spec.name}, {spec.workers} {kind} worker(s) on {pods} pod(s) of {per_pod}, "
+              f"checkpoints in {storage_path}; kubectl apply -f {out}")
     return 0
