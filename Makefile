@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/scpermut demo --out runs/demo
+	$(VENV)/bin/scpermut demo --out runs/demo --workers 2
 
 test: install
 	$(VENV)/bin/python -m pytest -q tests

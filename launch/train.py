@@ -23,6 +23,7 @@ def train_on_ray(uri: str, cfg: RunConfig, args: argparse.Namespace, organism: s
     scaling = Scaling(workers=args.workers if args.workers is not None else 1, gpus_per_worker=args.gpus_per_worker,
                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
     scaling.check()
+    uri = uri if "://" in uri else str(Path(uri).absolute())  # workers do not share the driver's cwd
     run_dir = Path(args.out).absolute()
     check_run_dir(run_dir)
     ensure_source(uri, cfg, quiet=args.quiet)
