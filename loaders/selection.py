@@ -16,6 +16,8 @@ LABEL_COL = "label"  # standardised obs column: cell type (categorical of str), 
 BATCH_COL = "batch"  # standardised obs column: combined batch id (categorical of str)
 # Categorical, not object strings: obs of 10^8 cells must stay small in every worker.
 UNLABELED_DEFAULTS = ("unlabeled", "Unlabeled", "unknown", "Unknown", "nan", "NaN", "")
+CHUNK_CELLS = 1 << 18  # cells per vectorised step: temporaries stay ~2 MB whatever the number of cells
+PAIR_TABLE_MAX = 1 << 24  # batch-key pairs up to this many possible combinations use a lookup table, not a hash
 
 
 @dataclass(frozen=True)
@@ -36,31 +38,134 @@ class CellSelection:
 
 
 def standardize_obs(obs: pd.DataFrame, selection: CellSelection, where: str) -> pd.DataFrame:
-    """Add `label` and `batch` columns from the selection's keys, with clear errors for missing ones."""
+    """Add `label` and `batch` columns from the selection's keys, with clear errors for missing ones.
+
+    Both are categoricals built on the source columns' codes: at 10^8 cells one Python string per
+    cell would cost gigabytes, so strings are only ever made per category or per batch combination.
+    """
     missing = [c for c in selection.obs_columns_needed if c not in obs.columns]
     if missing:
         raise DataError(
             f"{where}: obs has no column(s) {missing}. Available columns: {sorted(map(str, obs.columns))[:40]}. "
             "Pass an existing column as the label/batch key."
         )
-    out = obs.copy()
-    if selection.label_key:
-        raw = out[selection.label_key]
-        labels = raw.astype("string")
-        unlabeled = set(selection.unlabeled_values)
-        is_unlabeled = raw.isna() | labels.isin(list(unlabeled))
-        out[LABEL_COL] = labels.mask(is_unlabeled, pd.NA).astype("category")
-    else:
-        out[LABEL_COL] = pd.Series(pd.NA, index=out.index, dtype="string").astype("category")
-    if selection.batch_keys:
-        parts = [out[k].astype("string").fillna("NA") for k in selection.batch_keys]
-        batch = parts[0]
-        for p in parts[1:]:
-            batch = batch + "+" + p
-        out[BATCH_COL] = batch.astype("category")
-    else:
-        out[BATCH_COL] = pd.Series("all", index=out.index, dtype="string").astype("category")
+    out = obs.copy(deep=False)  # new columns only: the caller's obs is untouched, its columns not duplicated
+    out[LABEL_COL] = _label_column(obs, selection)
+    out[BATCH_COL] = _batch_column(obs, selection)
     return out
+
+
+def _label_column(obs: pd.DataFrame, selection: CellSelection) -> pd.Categorical:
+    """Cell types as strings; missing and `unlabeled_values` become <NA>."""
+    if not selection.label_key:
+        return as_categorical([], np.full(len(obs), -1, dtype=np.int8))
+    return as_categorical(*string_codes(obs[selection.label_key], drop=selection.unlabeled_values))
+
+
+def _batch_column(obs: pd.DataFrame, selection: CellSelection) -> pd.Categorical:
+    """The batch keys joined as "a+b+c" ("NA" for a missing value), combined on codes."""
+    if not selection.batch_keys:
+        return as_categorical(["all"] if len(obs) else [], np.zeros(len(obs), dtype=np.int8))
+    names, codes = string_codes(obs[selection.batch_keys[0]], missing="NA")
+    for key in selection.batch_keys[1:]:
+        names, codes = _join(names, codes, *string_codes(obs[key], missing="NA"))
+    return as_categorical(names, codes)
+
+
+def as_categorical(names: list[str], codes: np.ndarray) -> pd.Categorical:
+    """A categorical over string categories (as `astype("string").astype("category")` gives), without copies."""
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype="string"))
+
+
+def string_codes(col: pd.Series, missing: str | None = None,
+                 drop: tuple[str, ...] = ()) -> tuple[list[str], np.ndarray]:
+    """Sorted distinct values of `col` as strings and each cell's code into them (-1 = missing).
+
+    Values are turned into strings (as `astype("string")` does) once per category or distinct value,
+    never per cell. `missing` names missing values (as `fillna` would); values in `drop` become -1.
+    Only values that occur are kept; codes have the smallest dtype pandas would pick.
+    """
+    values, codes = _raw_codes(col)
+    strings = [missing if pd.isna(s) else str(s) for s in pd.Series(values).astype("string")]
+    return _sorted_unique([*strings, missing], codes, drop)
+
+
+def recode(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """`table[codes]` in bounded steps (code -1 reads `table[-1]`), so no int64 copy of all codes is made."""
+    out = np.empty(len(codes), dtype=table.dtype)
+    for lo in range(0, len(codes), CHUNK_CELLS):
+        out[lo:lo + CHUNK_CELLS] = table[codes[lo:lo + CHUNK_CELLS]]
+    return out
+
+
+def _raw_codes(col: pd.Series) -> tuple[pd.Index | np.ndarray, np.ndarray]:
+    """(distinct values, code per cell, -1 = missing): a categorical's own, else a factorisation."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return col.cat.categories, col.array.codes
+    codes, uniques = pd.factorize(col, use_na_sentinel=True)
+    return uniques, codes
+
+
+def _sorted_unique(strings: list[str | None], codes: np.ndarray,
+                   drop: tuple[str, ...] = ()) -> tuple[list[str], np.ndarray]:
+    """Merge categories with equal strings, drop unused/None/`drop` ones, sort, and recode.
+
+    `strings` has one entry per code plus a last one for code -1 (None = stays missing).
+    """
+    seen = _present(codes, len(strings))
+    dropped = set(drop)
+    names = sorted({s for s, used in zip(strings, seen) if used and s is not None and s not in dropped})
+    pos = {s: i for i, s in enumerate(names)}
+    table = np.array([pos.get(s, -1) for s in strings], dtype=_code_dtype(len(names)))
+    if table.dtype == codes.dtype and table[-1] == -1 and np.array_equal(table[:-1], np.arange(len(table) - 1)):
+        return names, codes  # already sorted, unique and all used (e.g. anndata's categoricals): no copy
+    return names, recode(table, codes)
+
+
+def _present(codes: np.ndarray, n_slots: int) -> np.ndarray:
+    """Which of `n_slots` codes occur (code -1 marks the last slot), in bounded steps."""
+    seen = np.zeros(n_slots, dtype=bool)
+    for lo in range(0, len(codes), CHUNK_CELLS):
+        seen[codes[lo:lo + CHUNK_CELLS]] = True
+    return seen
+
+
+def _code_dtype(n_categories: int) -> type:
+    """The integer width pandas uses for the codes of `n_categories` categories."""
+    for dtype in (np.int8, np.int16, np.int32):
+        if n_categories < np.iinfo(dtype).max:
+            return dtype
+    return np.int64
+
+
+def _join(names_a: list[str], codes_a: np.ndarray, names_b: list[str],
+          codes_b: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Two coded columns (codes >= 0) as one "a+b" column: strings only for the pairs that occur."""
+    pairs, codes = _pair_codes(codes_a, codes_b, len(names_b), len(names_a) * len(names_b))
+    strings = [f"{names_a[k // len(names_b)]}+{names_b[k % len(names_b)]}" for k in pairs.tolist()]
+    return _sorted_unique([*strings, None], codes)
+
+
+def _pair_codes(codes_a: np.ndarray, codes_b: np.ndarray, n_b: int,
+                n_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct pair keys a*n_b+b that occur, ascending; each cell's position among them)."""
+    def keys(lo: int) -> np.ndarray:
+        return codes_a[lo:lo + CHUNK_CELLS].astype(np.int64) * n_b + codes_b[lo:lo + CHUNK_CELLS]
+
+    if n_pairs > PAIR_TABLE_MAX:  # rare: many donors x many datasets; one int64 key per cell
+        key = np.concatenate([keys(lo) for lo in range(0, len(codes_a), CHUNK_CELLS)] or [np.empty(0, np.int64)])
+        codes, pairs = pd.factorize(key, sort=True)
+        return np.asarray(pairs), codes.astype(_code_dtype(len(pairs)))
+    seen = np.zeros(n_pairs, dtype=bool)
+    for lo in range(0, len(codes_a), CHUNK_CELLS):
+        seen[keys(lo)] = True
+    pairs = np.flatnonzero(seen)
+    lookup = np.full(n_pairs, -1, dtype=_code_dtype(len(pairs)))
+    lookup[pairs] = np.arange(len(pairs))
+    out = np.empty(len(codes_a), dtype=lookup.dtype)
+    for lo in range(0, len(codes_a), CHUNK_CELLS):
+        out[lo:lo + CHUNK_CELLS] = lookup[keys(lo)]
+    return pairs, out
 
 
 def resolve_genes(var: pd.DataFrame, genes: tuple[str, ...] | None, where: str) -> np.ndarray:

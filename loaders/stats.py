@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from loaders.selection import BATCH_COL
+from loaders.selection import BATCH_COL, string_codes
 from loaders.validate import check_raw_counts
 
 TARGET_SUM = 1e4  # CP10k, as scanpy's normalize_total default used before HVG selection
@@ -102,7 +102,7 @@ def compute_gene_stats(source, io_batch_cells: int = 65536, progress: bool = Fal
                        reservoir: int = RESERVOIR) -> GeneStats:
     """One pass over every selected cell of `source` in sorted IO batches; raises DataError on non-count data."""
     n_genes = source.n_genes
-    codes, batches = pd.factorize(source.obs[BATCH_COL].astype(str), sort=True)
+    batches, codes = string_codes(source.obs[BATCH_COL])  # per category, not per cell; codes >= 0
     n_b = len(batches)
     acc = {k: np.zeros((n_b, n_genes)) for k in ("log_sum", "log_sumsq", "cp_sum", "cp_sumsq", "counts")}
     n_expr = np.zeros((n_b, n_genes), dtype=np.int64)

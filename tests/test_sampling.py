@@ -208,3 +208,21 @@ def test_blocks_are_storage_aligned_runs():
     lay = plan.layout(0, 50, 512)
     pooled = np.concatenate([plan.pool_cells(t, 32) for t in lay.rank_tasks(0)])
     assert len(np.unique(pooled)) == len(pooled)  # pools partition the selection
+
+
+@pytest.mark.parametrize("permute", [True, False])
+def test_a_plan_rebuilt_from_its_shared_arrays_streams_the_same_pairs_without_copying(permute):
+    labels, batches, chunks = grouped_codes()
+    cells = np.flatnonzero(np.arange(len(labels)) % 5 != 0)
+    plan = SamplingPlan(labels, batches, chunks, cells=cells, balance=0.5, permute=permute, seed=3)
+    arrays = plan.to_arrays(io_batch_cells=1024)
+    for a in arrays.values():
+        a.flags.writeable = False  # as they come out of Ray's object store
+    shared = SamplingPlan.from_arrays(arrays, balance=0.5, permute=permute, seed=3)
+    for epoch in (0, 1):
+        for world, rank in ((1, 0), (2, 1)):
+            a1, p1, _ = collect(shared, epoch, io=1024, world=world, rank=rank)
+            a0, p0, _ = collect(plan, epoch, io=1024, world=world, rank=rank)
+            assert np.array_equal(a1, a0) and np.array_equal(p1, p0)
+    assert np.shares_memory(shared.cells, arrays["cells"]) and np.shares_memory(shared.labels, arrays["labels"])
+    assert np.allclose(shared.sampled_class_freq, plan.sampled_class_freq)

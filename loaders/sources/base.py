@@ -14,7 +14,8 @@ class CellSource(Protocol):
 
     - `obs`: one row per selected cell, in storage order, with a RangeIndex (row position = cell id
       used everywhere in `loaders`), a `soma_joinid` column (storage row), the standardised `label`
-      (str or <NA>) and `batch` (str) columns, and any extra requested columns.
+      and `batch` columns (categoricals over strings, built on codes: no per-cell string; label <NA> =
+      unlabelled), and any extra requested columns.
     - `var`: one row per selected gene, in the requested order, with `feature_id` and `feature_name`.
     - `read_counts(rows)`: raw counts of cells at the given obs positions (sorted ascending, unique),
       as float32 CSR of shape (len(rows), n_genes), columns in `var` order. One call = one IO batch:

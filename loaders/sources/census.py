@@ -35,12 +35,14 @@ class CensusSpec:
     def where(self) -> str:
         return f"Census {self.uri}" if self.uri else f"Census version {self.census_version!r}"
 
-    def open(self) -> SomaExperimentSource:
+    def open(self, joinids=None) -> SomaExperimentSource:
+        """`joinids`: the selection's storage rows, already known (a training rank's counts reader: obs unread)."""
         census = self._open_census()
         try:
             exp = self._experiment(census)
             src = SomaExperimentSource(exp, self.selection, self.measurement, self.layer,
-                                       where=f"{self.where} [{organism_key(self.organism)}]", owned=(exp, census))
+                                       where=f"{self.where} [{organism_key(self.organism)}]", owned=(exp, census),
+                                       joinids=joinids)
         except BaseException:
             census.close()
             raise

@@ -114,10 +114,12 @@ class H5adBackedSource(SizedFromFrames):
             if n_vars == 0 or len(full_var) == 0:
                 raise DataError(f"{where}: the file has no genes.")
             self._rows = _filter_rows(obs, selection, where)
-            std = standardize_obs(obs.iloc[self._rows], selection, where)
+            kept = obs if len(self._rows) == len(obs) else obs.iloc[self._rows]  # obs is ours: no copy needed
+            std = standardize_obs(kept, selection, where)
             std.insert(0, "soma_joinid", self._rows.astype(np.int64))
             std["obs_name"] = std.index.astype(str)
-            self.obs = std.reset_index(drop=True)
+            std.index = pd.RangeIndex(len(std))  # as reset_index(drop=True), without copying every column
+            self.obs = std
             self._genes = resolve_genes(full_var, selection.genes, where)
             self.var = full_var.iloc[self._genes].reset_index(drop=True)
             self._all_genes = np.array_equal(self._genes, np.arange(n_vars))

@@ -49,11 +49,12 @@ class SomaExperimentSpec:
     tiledb_config: dict | None = None
     init_buffer_bytes: int | None = None
 
-    def open(self) -> "SomaExperimentSource":
+    def open(self, joinids: np.ndarray | None = None) -> "SomaExperimentSource":
+        """`joinids`: the selection's storage rows, already known (a training rank's counts reader: obs unread)."""
         exp = open_experiment(self.uri, soma_context(self.tiledb_config, self.init_buffer_bytes))
         try:
             src = SomaExperimentSource(exp, self.selection, self.measurement, self.layer,
-                                       where=f"SOMA Experiment {self.uri}", owned=(exp,))
+                                       where=f"SOMA Experiment {self.uri}", owned=(exp,), joinids=joinids)
         except BaseException:
             exp.close()
             raise
@@ -94,7 +95,8 @@ class SomaExperimentSource(SizedFromFrames):
     spec: SomaExperimentSpec | None = None
 
     def __init__(self, experiment, selection: CellSelection = CellSelection(), measurement: str = "RNA",
-                 layer: str = "raw", where: str = "SOMA Experiment", owned: tuple = ()) -> None:
+                 layer: str = "raw", where: str = "SOMA Experiment", owned: tuple = (),
+                 joinids: np.ndarray | None = None) -> None:
         self.where, self._owned = where, tuple(owned)
         if measurement not in experiment.ms:
             raise DataError(f"{where}: no measurement {measurement!r}; measurements are {list(experiment.ms.keys())}.")
@@ -103,7 +105,9 @@ class SomaExperimentSource(SizedFromFrames):
             layers = list(ms.X.keys()) if "X" in ms else []
             raise DataError(f"{where}: measurement {measurement!r} has no X layer {layer!r}; layers are {layers}.")
         self._x = ms.X[layer]
-        self.obs = self._read_obs(experiment.obs, selection)
+        # Given joinids (shared, read-only), obs is never read: no per-cell strings, no per-cell copy.
+        self.obs = self._read_obs(experiment.obs, selection) if joinids is None else \
+            pd.DataFrame({"soma_joinid": np.asarray(joinids)}, copy=False)
         var = ms.var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat().to_pandas()
         var = var.sort_values("soma_joinid").reset_index(drop=True)
         if len(var) == 0:
@@ -115,7 +119,7 @@ class SomaExperimentSource(SizedFromFrames):
         lookup_size = int(var["soma_joinid"].max()) + 1
         self._var_lookup = np.full(lookup_size, -1, dtype=np.int64)  # var soma_joinid -> local column
         self._var_lookup[self._var_ids] = np.arange(len(self._var_ids))
-        self._joinids = self.obs["soma_joinid"].to_numpy(dtype=np.int64)
+        self._joinids = np.asarray(joinids) if joinids is not None else self.obs["soma_joinid"].to_numpy(dtype=np.int64)
         n = min(VALIDATE_ROWS, self.n_cells)
         from loaders.validate import check_raw_counts
 
@@ -130,17 +134,22 @@ class SomaExperimentSource(SizedFromFrames):
                 "Pass an existing column as the label/batch key."
             )
         cols = ["soma_joinid", *[c for c in selection.obs_columns_needed if c != "soma_joinid"]]
-        try:
-            table = obs_df.read(column_names=cols, value_filter=selection.obs_value_filter).concat()
-        except Exception as exc:  # tiledbsoma raises SOMAError/ValueError/TileDBError for a bad filter
-            raise DataError(f"{self.where}: bad obs_value_filter {selection.obs_value_filter!r}: {exc}") from exc
-        obs = table.to_pandas()
+        tables = [dictionary_encoded(t) for t in self._obs_tables(obs_df, cols, selection.obs_value_filter)]
+        obs = pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame()
         if len(obs) == 0:
             what = f"obs_value_filter {selection.obs_value_filter!r} matches" if selection.obs_value_filter else "obs has"
             raise DataError(f"{self.where}: {what} no cell.")
-        obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
+        if not obs["soma_joinid"].is_monotonic_increasing:
+            obs = obs.sort_values("soma_joinid", kind="stable").reset_index(drop=True)
         std = standardize_obs(obs, selection, self.where)
         return std
+
+    def _obs_tables(self, obs_df, cols: list[str], value_filter: str | None):
+        """The obs read batch by batch (so string columns are encoded before all cells are in memory)."""
+        try:
+            yield from obs_df.read(column_names=cols, value_filter=value_filter)
+        except Exception as exc:  # tiledbsoma raises SOMAError/ValueError/TileDBError for a bad filter
+            raise DataError(f"{self.where}: bad obs_value_filter {value_filter!r}: {exc}") from exc
 
     def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:
         rows = np.asarray(rows, dtype=np.int64)
@@ -170,6 +179,20 @@ class SomaExperimentSource(SizedFromFrames):
 
 def _open_spec(spec):
     return spec.open()
+
+
+def dictionary_encoded(table: pa.Table) -> pa.Table:
+    """String columns dictionary-encoded, so `to_pandas()` makes categoricals, not one Python str per cell.
+
+    Census stores obs columns such as cell_type dictionary-encoded or as plain strings depending on the
+    version; both end up categorical. Other columns (soma_joinid: int64) are left as they are.
+    """
+    import pyarrow.compute as pc
+
+    for i, col in enumerate(table.columns):
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_string_view(col.type):
+            table = table.set_column(i, table.field(i).name, pc.dictionary_encode(col))
+    return table
 
 
 def _local_rows(ids: np.ndarray, dim0: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("loader", "ablation")
+BENCHMARKS = ("loader", "ablation", "train")
 
 
 def add_parser(subparsers) -> None:

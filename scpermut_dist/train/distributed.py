@@ -78,7 +78,7 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     spec = factory(replace(selection_from_config(cfg.data), genes=tuple(arrays.genes["feature_id"].astype(str))))
     splits = member_splits(arrays, cfg)
     codes = {"label_codes": arrays.label_codes, "batch_codes": arrays.batch_codes, "cells": arrays.cells,
-             "chunks": arrays.chunks}
+             "chunks": arrays.chunks, "joinids": arrays.joinids}
     job = WorkerJob(config=cfg.model_dump(mode="json"), spec=spec, meta=arrays.meta(), codes_ref=ray.put(codes),
                     splits_ref=ray.put(splits), plan_refs=_shared_plans(arrays, cfg, splits), run_dir=str(run_dir),
                     use_gpu=scaling.gpus_per_worker > 0)

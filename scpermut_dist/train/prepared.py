@@ -21,7 +21,7 @@ from loaders.normalize import Normalization
 from scpermut_dist.config import DataConfig
 from scpermut_dist.errors import UsageError
 
-ARRAYS = ("label_codes", "batch_codes", "cells", "chunks")
+ARRAYS = ("label_codes", "batch_codes", "cells", "chunks", "joinids")
 
 
 @dataclass
@@ -37,13 +37,15 @@ class PreparedArrays:
     batch_codes: np.ndarray
     cells: np.ndarray
     chunks: np.ndarray
+    joinids: np.ndarray  # storage row of each cell (SOMA soma_joinid): ranks open X without reading obs
     fingerprint: str
 
     @classmethod
     def from_prepared(cls, prep, fingerprint: str) -> "PreparedArrays":
         return cls(prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.normalization,
                    list(prep.classes), list(prep.batches), prep.description, _int32(prep.label_codes),
-                   _int32(prep.batch_codes), _int32(prep.cells), _int32(prep.source.chunk_ids()), fingerprint)
+                   _int32(prep.batch_codes), _int32(prep.cells), _int32(prep.source.chunk_ids()),
+                   prep.source.obs["soma_joinid"].to_numpy(dtype=np.int64), fingerprint)
 
     def meta(self) -> dict:
         return {"genes": self.genes.to_dict(orient="list"), "normalization": self.normalization.to_dict(),

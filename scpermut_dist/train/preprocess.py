@@ -82,8 +82,8 @@ def prepare_reference(factory: SourceFactory, data: DataConfig, where: str = "re
                         "data.min_counts_per_cell / data.min_genes_per_cell")
     label_codes = _codes(obs["label"], classes)
     label_codes[~keep_cell] = -1
-    batches = sorted(obs["batch"].iloc[cells].astype(str).unique().tolist())
-    batch_codes = _codes(obs["batch"].astype(str), batches)
+    batches = encode(obs["batch"].iloc[cells])[0]
+    batch_codes = _codes(obs["batch"], batches)
     batch_codes[batch_codes < 0] = 0  # cells outside QC: never sampled
     counts_c = np.bincount(label_codes[cells][label_codes[cells] >= 0], minlength=len(classes))
     counts_b = np.bincount(batch_codes[cells], minlength=len(batches))
@@ -100,14 +100,23 @@ def prepare_reference(factory: SourceFactory, data: DataConfig, where: str = "re
 
 
 def encode(values: pd.Series) -> tuple[list[str], np.ndarray]:
-    """Sorted distinct non-missing values and the int64 code of each entry (-1 for missing)."""
-    classes = sorted(values.dropna().astype(str).unique().tolist())
-    return classes, _codes(values, classes)
+    """Sorted distinct non-missing values (as str) and the int64 code of each entry (-1 for missing).
+
+    Works on the column's categories: one Python string per cell would cost gigabytes at 10^8 cells.
+    """
+    from loaders.selection import string_codes
+
+    classes, codes = string_codes(values)
+    return classes, codes.astype(np.int64)
 
 
 def _codes(values: pd.Series, classes: list[str]) -> np.ndarray:
-    codes = pd.Index(classes).get_indexer(values.astype("string").fillna("\0missing").astype(str))
-    return codes.astype(np.int64)
+    """Each entry's int64 position in `classes` (-1 when missing or not a class), mapped per category."""
+    from loaders.selection import recode, string_codes
+
+    names, codes = string_codes(values)
+    table = np.append(pd.Index(classes, dtype=object).get_indexer(names), -1).astype(np.int64)
+    return recode(table, codes)
 
 
 def _row_blocks(n: int, step: int):

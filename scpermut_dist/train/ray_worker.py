@@ -77,6 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
         hooks.finish(ref)
     finally:
         prep.source.close()
+    _write_worker_file(job.run_dir, rank, **_memory())
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -94,8 +95,13 @@ def _prepared(job: WorkerJob, codes: dict) -> PreparedReference:
 
     from loaders.normalize import Normalization
 
+    from loaders.sources import CensusSpec, SomaExperimentSpec
+
     m = job.meta
-    source = job.spec.open()
+    # A SOMA/Census rank opens X and var only, on the driver's shared joinids: reading obs again would cost
+    # every rank per-cell strings and copies (GBs at 10^8 cells). An h5ad is small enough to reopen.
+    shared_rows = isinstance(job.spec, (SomaExperimentSpec, CensusSpec))
+    source = job.spec.open(joinids=codes["joinids"]) if shared_rows else job.spec.open()
     return PreparedReference(job.spec, source, pd.DataFrame(m["genes"]), Normalization.from_dict(m["normalization"]),
                              m["classes"], m["batches"], codes["label_codes"], codes["batch_codes"], codes["cells"],
                              m["description"])
@@ -266,13 +272,24 @@ def _load_state(checkpoint, rank: int) -> dict:
     return state
 
 
-def _write_worker_file(run_dir: str, rank: int) -> None:
-    """Which process is which rank (operators kill or profile a worker by it; the tests do)."""
+def _write_worker_file(run_dir: str, rank: int, **extra) -> None:
+    """Which process is which rank (operators kill or profile a worker by it; the tests do); at the end, its
+    memory: peak RSS (shared pages it touched included) and USS (memory of its own)."""
     d = Path(run_dir) / "workers"
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname()}))
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), **extra}))
     os.replace(tmp, d / f"rank{rank}.json")
+
+
+def _memory() -> dict:
+    import resource
+
+    import psutil
+
+    info = psutil.Process().memory_full_info()
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "uss_mb": info.uss / 2**20,
+            "pss_mb": info.pss / 2**20}
 
 
 def _json_default(o):

@@ -175,7 +175,7 @@ def _reference(prep: PreparedReference, cfg: RunConfig, splits: list[MemberSplit
     summary = {"train_seconds": round(train_s, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
                "cells_seen": int(cells), "cells_per_s": cells / train_s if train_s > 0 else float("nan"),
                "n_train_cells": int(len(splits[0].train_all)), "n_train_labelled": int(len(splits[0].train_lab)),
-               "stages": sorted({r["stage"] for r in progress.history}, key=[r["stage"] for r in progress.history].index),
+               "stages": list(dict.fromkeys(r["stage"] for r in progress.history)),
                "ensemble_size": len(members), "world_size": dist_rank_world()[1], **metrics,
                **({"members": mm} if len(members) > 1 else {})}
     return Reference(members[0], cfg, prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.classes,

@@ -1,0 +1,83 @@
+"""The validation split at atlas scale (rare types keep cells, whole donors held out), the global batch, and
+the run's stored preparation."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loaders.normalize import Normalization
+from scpermut_dist.config import DataConfig
+from scpermut_dist.errors import UsageError
+from scpermut_dist.train.prepared import PreparedArrays, fingerprint, load_prepared, save_prepared
+from scpermut_dist.train.reference import per_rank_batch_size
+from scpermut_dist.train.split import group_split, stratified_split
+
+
+def test_rare_types_keep_validation_cells_when_the_cap_scales_the_fraction_down():
+    labels = np.concatenate([np.zeros(200_000, np.int64), np.ones(60, np.int64), np.full(3, 2)])
+    _, plain = stratified_split(labels, 0.2, max_val=2_000, seed=0)
+    assert (labels[plain] == 1).sum() == 1  # 2000/200063 of 60 cells rounds to ~0-1: the rare type vanishes
+    _, kept = stratified_split(labels, 0.2, max_val=2_000, seed=0, min_per_class=10)
+    assert (labels[kept] == 1).sum() == 10 and (labels[kept] == 2).sum() == 1  # 20 % of 3 cells, never all
+    assert (labels[kept] == 0).sum() == pytest.approx(2_000, abs=5)
+
+
+def test_a_split_by_group_holds_out_whole_donors():
+    rng = np.random.default_rng(0)
+    donors = np.repeat(np.arange(10), 100)
+    labels = rng.integers(0, 4, size=1000)
+    labels[::17] = -1
+    train, val = group_split(labels, donors, fraction=0.2, seed=1)
+    assert not set(donors[train]) & set(donors[val])
+    assert 0.1 <= len(val) / (labels >= 0).sum() <= 0.35
+    assert (labels[np.concatenate([train, val])] >= 0).all()
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        group_split(labels, np.zeros(1000, np.int64))
+
+
+def test_the_batch_size_is_global_whatever_the_worker_count():
+    assert [per_rank_batch_size(430, w) for w in (1, 2, 5)] == [430, 215, 86]
+    with pytest.raises(UsageError, match="at least 16"):
+        per_rank_batch_size(10, 8)
+
+
+def _arrays(fp: str) -> PreparedArrays:
+    n = 50
+    return PreparedArrays(pd.DataFrame({"feature_id": ["G1", "G2"], "feature_name": ["a", "b"]}),
+                          Normalization(1234.0), ["t0", "t1"], ["b0"], {"n_cells": n},
+                          np.arange(n, dtype=np.int32) % 2, np.zeros(n, np.int32), np.arange(n, dtype=np.int32),
+                          np.arange(n, dtype=np.int32) // 8, np.arange(n, dtype=np.int64) * 3, fp)
+
+
+def test_the_preparation_is_stored_once_and_refused_for_other_data(tmp_path):
+    data = DataConfig(label_key="cell_type", batch_keys=["donor"])
+    fp = fingerprint("store_a", data)
+    assert fp == fingerprint("store_a", data.model_copy(update={"val_fraction": 0.1}))  # the split is not preparation
+    assert fp != fingerprint("store_b", data) != fingerprint("store_a", data.model_copy(update={"n_hvg": 10}))
+    assert load_prepared(tmp_path / "prepared", fp) is None
+    save_prepared(_arrays(fp), tmp_path / "prepared")
+    back = load_prepared(tmp_path / "prepared", fp)
+    assert back.classes == ["t0", "t1"] and back.normalization.target_sum == 1234.0
+    assert np.array_equal(back.joinids, np.arange(50) * 3) and back.label_codes.dtype == np.int32
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    with pytest.raises(UsageError, match="prepared for other data"):
+        load_prepared(tmp_path / "prepared", fingerprint("store_b", data))
+
+
+def test_a_rank_reads_counts_on_shared_joinids_without_reading_obs(census_store_3k):
+    from loaders.selection import CellSelection
+    from loaders.sources import spec_from_uri
+
+    spec = spec_from_uri(str(census_store_3k), CellSelection(obs_value_filter="tissue_general == 'lung'",
+                                                             label_key="cell_type"))
+    full = spec.open()
+    joinids = full.obs["soma_joinid"].to_numpy()
+    joinids.flags.writeable = False  # shared memory is read-only
+    rank = spec.open(joinids=joinids)
+    assert list(rank.obs.columns) == ["soma_joinid"] and rank.n_cells == full.n_cells
+    assert np.shares_memory(rank.obs["soma_joinid"].to_numpy(), joinids)
+    rows = np.arange(0, full.n_cells, 3)
+    assert (rank.read_counts(rows) != full.read_counts(rows)).nnz == 0
+    assert np.array_equal(rank.chunk_ids(), full.chunk_ids())
+    full.close(), rank.close()
