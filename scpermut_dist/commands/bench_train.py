@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from launch.ray_session import ray_session
     from loaders.sources import spec_from_uri
     from scpermut_dist.commands.main import parse_seeds
@@ -64,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     first = report["runs"][str(counts[0])]
     shapes = bt.layer_shapes(cfg, first["n_genes"], first["classes"], first["batches"])
     batch = cfg.train.batch_size
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a worker: one CPU each (Ray's OMP_NUM_THREADS)
     report["roofline_cells_per_s_per_process"] = bt.roofline_cells_per_s(shapes, batch)
+    torch.set_num_threads(threads)
     report["loader"] = bt.loader_cells_per_s(args.store, min(first["n_cells"], 200_000), batch, None)
     for w, r in report["runs"].items():
         r["speedup_vs_1"] = bt.ratio(r["cells_per_s"], report["runs"][str(counts[0])]["cells_per_s"]) * counts[0]
@@ -72,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
         r["vs_roofline"] = bt.ratio(r["cells_per_s"], int(w) * report["roofline_cells_per_s_per_process"])
     if "compare" in report:
         a, b = report["runs"][str(max(counts))], report["compare"]
+        per_rank = [(ub - ua) * 2**20 / (b["n_cells"] - a["n_cells"]) for ua, ub in zip(a["uss_mb"], b["uss_mb"])]
         report["memory"] = {"cells": [a["n_cells"], b["n_cells"]], "peak_rss_ratio": bt.ratio(max(b["peak_rss_mb"]),
                                                                                             max(a["peak_rss_mb"])),
-                            "uss_bytes_per_cell_per_worker": (max(b["uss_mb"]) - max(a["uss_mb"])) * 2**20
-                            / (b["n_cells"] - a["n_cells"])}
+                            "uss_bytes_per_cell_per_rank": per_rank,
+                            "uss_bytes_per_cell_per_worker": max(per_rank)}
     report["projection"] = bt.projection(None, report["loader"]["cells_per_s"])
     _print(report)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
@@ -94,7 +100,8 @@ def _print(report: dict) -> None:
     if "memory" in report:
         m = report["memory"]
         print(f"per-worker memory, {m['cells'][0]} vs {m['cells'][1]} cells: peak RSS ratio {m['peak_rss_ratio']:.2f} "
-              f"(target <= 1.20), {m['uss_bytes_per_cell_per_worker']:.1f} bytes of own memory per cell (target <= 16)")
+              f"(target <= 1.20), own memory (USS) growth per cell by rank "
+              f"{[round(v, 1) for v in m['uss_bytes_per_cell_per_rank']]} bytes (target <= 16)")
     p = report["projection"]
     print(f"projection, 10^8 cells on {p['gpus']} workers fed at {p['per_process_cells_per_s']:.0f} cells/s each: "
           f"{p['epoch_hours']:.2f} h per epoch ({p['limit']}-bound)")

@@ -27,16 +27,19 @@ def layer_shapes(cfg: RunConfig, n_genes: int, n_classes: int, n_batches: int) -
 
 def roofline_cells_per_s(shapes: list[tuple[int, int]], batch: int, steps: int = 20, device: str = "cpu",
                          dtype: torch.dtype = torch.float32) -> float:
-    """Cells/s of x @ W forward plus the two backward products for every layer: what the model's dense
-    compute alone allows on this device (no data loading, no elementwise work, no optimiser)."""
+    """Cells/s of x @ W forward plus the backward products for every layer (the first layer's input needs no
+    gradient): what the model's dense compute alone allows on this device (no data, no elementwise work,
+    no optimiser). `shapes[0]` must be the layer that reads the data."""
     dev = torch.device(device)
     xs = [torch.randn(batch, i, device=dev, dtype=dtype) for i, _ in shapes]
     ws = [torch.randn(i, o, device=dev, dtype=dtype) for i, o in shapes]
     gs = [torch.randn(batch, o, device=dev, dtype=dtype) for _, o in shapes]
 
     def step() -> None:
-        for x, w, g in zip(xs, ws, gs):
-            x @ w, g @ w.T, x.T @ g  # forward, grad wrt input, grad wrt weight
+        for k, (x, w, g) in enumerate(zip(xs, ws, gs)):
+            x @ w, x.T @ g  # forward, grad wrt weight
+            if k:  # grad wrt input, except for the first layer, whose input is the data
+                g @ w.T
 
     step()
     if dev.type == "cuda":

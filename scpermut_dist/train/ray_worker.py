@@ -167,8 +167,8 @@ class RayHooks:
 
         metrics = {"event": "final", "step": self._steps_total(ref), "member": len(self.splits),
                    **{k: v for k, v in ref.metrics.items() if isinstance(v, (int, float))}, "world_size": self.world}
-        tmp = self._write_checkpoint(ref, {"progress": self._final_progress(ref), "trainer": None,
-                                           "rngs": None, "world_size": self.world}) if self.rank == 0 else None
+        tmp = self._write_checkpoint(ref, {"progress": self._final_progress(ref), "trainer": None, "rngs": None,
+                                           "world_size": self.world, "step": metrics["step"]}) if self.rank == 0 else None
         self._append(metrics)
         try:
             ray.train.report(metrics, checkpoint=_as_checkpoint(tmp), checkpoint_dir_name=f"final_{metrics['step']:09d}")
@@ -217,14 +217,14 @@ class RayHooks:
         if trainer.stage is not None:
             sds.append({k: v.detach().cpu() for k, v in trainer.module.state_dict().items()})
         members = [_module_from_state(self.cfg, self.prep, sd) for sd in sds]
+        live = list(trainer.history) if trainer.stage is not None else []  # a finished member is in progress
         snap = RunProgress(progress.member, sds, list(progress.member_metrics) or [{"n_val_cells": 0}],
-                           progress.history + list(trainer.history), progress.train_seconds)
+                           progress.history + live, progress.train_seconds)
         return _reference(self.prep, self.cfg, self.splits, members, snap, self._t0)
 
     def _write_checkpoint(self, ref, state: dict) -> str:
         tmp = tempfile.mkdtemp(prefix="scpermut-ckpt-")
         ref.save(Path(tmp) / MODEL_DIR)
-        state = {**state, "step": state.get("step", 0)}
         torch.save(state, Path(tmp) / STATE_FILE)
         (Path(tmp) / "position.json").write_text(json.dumps(
             {"step": state.get("step"), "member": state["progress"]["member"], "world_size": self.world}))
