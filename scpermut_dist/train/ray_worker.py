@@ -196,7 +196,7 @@ class RayHooks:
                 state = {"progress": progress.state_dict(), "trainer": trainer.state_dict() if live else None,
                          "rngs": rngs if live else None, "world_size": self.world, "step": trainer.step}
         tmp = self._write_checkpoint(self._snapshot(trainer, progress), state) if state is not None else None
-        self._append(metrics)
+        self._append({**metrics, **({"rank0_" + k: round(v, 1) for k, v in _memory().items()} if checkpoint else {})})
         name = f"checkpoint_{trainer.step:09d}_m{progress.member}" if checkpoint else None
         try:
             ray.train.report(metrics, checkpoint=_as_checkpoint(tmp), checkpoint_dir_name=name)
