@@ -159,3 +159,15 @@ def test_an_unreachable_store_fails_before_any_worker_starts(tmp_path, capsys):
     assert main(["train", "--store", str(tmp_path / "nowhere"), "--label-key", "cell_type", "--workers", "2",
                  "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "run" / "workers").exists()
+
+
+def test_an_ensemble_trains_member_by_member_on_the_same_workers(ray_cluster, census_store_3k, tmp_path):
+    run = tmp_path / "ens"
+    assert _train(census_store_3k, run, 2, "--set", "model.ensemble_size=2", "--set", "train.max_epochs=2") == 0
+    records = _metrics(run)
+    epochs = [r for r in records if r["event"] == "epoch_end"]
+    assert [r["member"] for r in epochs] == sorted(r["member"] for r in epochs) and {0, 1} == {r["member"] for r in epochs}
+    assert [r["event"] for r in records].count("member_end") == 1  # after member 0; the final report closes member 1
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["ensemble_size"] == 2 and len(manifest["summary"]["members"]) == 2
+    assert manifest["summary"]["members"][0]["seed"] != manifest["summary"]["members"][1]["seed"]
