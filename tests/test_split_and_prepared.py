@@ -81,3 +81,16 @@ def test_a_rank_reads_counts_on_shared_joinids_without_reading_obs(census_store_
     assert (rank.read_counts(rows) != full.read_counts(rows)).nnz == 0
     assert np.array_equal(rank.chunk_ids(), full.chunk_ids())
     full.close(), rank.close()
+
+
+def test_validation_by_batch_scores_the_model_on_a_plate_it_never_trained_on(datasets_dir):
+    from model_data import cellbench_sng, tiny_config
+
+    from scpermut_dist.api import fit
+
+    adata = cellbench_sng(datasets_dir)
+    ref = fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=2", "data.val_split=batch"))
+    n_val = ref.metrics["n_val_cells"]
+    plates = adata.obs["batch"].value_counts()
+    assert n_val in set(plates.tolist())  # exactly one whole plate held out
+    assert ref.summary["n_train_cells"] == adata.n_obs - n_val

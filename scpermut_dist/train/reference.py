@@ -105,10 +105,10 @@ def member_splits(prep: PreparedReference, cfg: RunConfig) -> list[MemberSplit]:
     shared split, three Kang members averaged no better than one)."""
     codes_qc = np.full(len(prep.label_codes), -1, dtype=np.int64)
     codes_qc[prep.cells] = prep.label_codes[prep.cells]
+    groups = prep.batch_codes if cfg.data.val_split == "batch" else None
     splits = []
     for k in range(cfg.model.ensemble_size):
         seed = member_seed(cfg.train.seed, k)
-        groups = prep.batch_codes if cfg.data.val_split == "batch" else None
         train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells, seed,
                                           min_per_class=cfg.data.val_min_per_class, groups=groups)
         splits.append(MemberSplit(seed, val, np.setdiff1d(prep.cells, val, assume_unique=True), train_lab))
