@@ -32,14 +32,15 @@ def train_on_ray(uri: str, cfg: RunConfig, args: argparse.Namespace, organism: s
     def factory(selection):
         return spec_from_uri(uri, selection, **options)
 
-    prepare_run(uri, factory, cfg, run_dir, quiet=args.quiet)  # fails here, before any worker, on bad input
+    arrays = prepare_run(uri, factory, cfg, run_dir, quiet=args.quiet)  # fails here, before Ray, on bad input
     local_cpus = max(os.cpu_count() or 1, int(scaling.workers * scaling.cpus_per_worker))
     with ray_session(run_dir, args.address, num_cpus=local_cpus, quiet=args.quiet) as where:
         print(f"training on {scaling.workers} worker(s), {where}", flush=True)
         from ray.train import TrainingFailedError
 
         try:
-            out = run_on_ray(uri, factory, cfg, run_dir, scaling, storage_path=args.storage_path, quiet=args.quiet)
+            out = run_on_ray(uri, factory, cfg, run_dir, scaling, storage_path=args.storage_path, quiet=args.quiet,
+                             arrays=arrays)
         except TrainingFailedError as exc:
             print(f"error: the run failed after {scaling.max_failures} restart(s): {exc}\n"
                   f"Its checkpoints are kept: re-run the same command (same --out) to resume.", file=sys.stderr)

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
         run_dir = out / name
         arrays = prepare_run(store, factory, cfg, run_dir, quiet=args.quiet)
-        result = run_on_ray(store, factory, cfg, run_dir, Scaling(workers=workers, max_failures=0), quiet=args.quiet)
+        result = run_on_ray(store, factory, cfg, run_dir, Scaling(workers=workers, max_failures=0), quiet=args.quiet,
+                            arrays=arrays)
         return {**bt.run_summary(run_dir), "workers": workers, "wall_seconds": result["wall_seconds"],
                 "n_cells": int(len(arrays.cells)), "n_genes": int(len(arrays.genes)),
                 "classes": len(arrays.classes), "batches": len(arrays.batches)}

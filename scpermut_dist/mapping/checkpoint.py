@@ -76,7 +76,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         tmp.mkdir()
         _write_files(ckpt, tmp)
         _fsync_dir(tmp)
-        _swap_in(tmp, dst)
+        swap_in(tmp, dst)
     finally:
         if tmp.exists():  # a failed write, or the previous checkpoint after a swap
             shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +177,7 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _swap_in(tmp: Path, dst: Path) -> None:
+def swap_in(tmp: Path, dst: Path) -> None:
     """Put `tmp` at `dst`; afterwards `tmp` holds the old checkpoint (if any) for the caller to delete."""
     if not dst.exists():
         os.rename(tmp, dst)

@@ -8,11 +8,9 @@ storage (`ray/<name>/checkpoint_*`, unless `storage_path` points elsewhere) and,
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -64,8 +62,9 @@ def prepare_run(uri: str, factory: Callable, cfg: RunConfig, run_dir: Path, quie
 
 
 def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path, scaling: Scaling,
-               storage_path: str | None = None, quiet: bool = True) -> dict:
-    """Train on `scaling.workers` Ray Train workers; returns the final metrics and the model path."""
+               storage_path: str | None = None, quiet: bool = True, arrays: PreparedArrays | None = None) -> dict:
+    """Train on `scaling.workers` Ray Train workers; returns the final metrics and the model path.
+    `arrays`: the run's preparation when the caller already has it (else `prepare_run`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -74,7 +73,7 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    arrays = prepare_run(uri, factory, cfg, run_dir, quiet)
+    arrays = arrays if arrays is not None else prepare_run(uri, factory, cfg, run_dir, quiet)
     spec = factory(replace(selection_from_config(cfg.data), genes=tuple(arrays.genes["feature_id"].astype(str))))
     splits = member_splits(arrays, cfg)
     codes = {"label_codes": arrays.label_codes, "batch_codes": arrays.batch_codes, "cells": arrays.cells,
@@ -120,22 +119,16 @@ def _shared_plans(arrays: PreparedArrays, cfg: RunConfig, splits) -> dict:
 
 
 def _collect_model(checkpoint, dst: Path) -> Path:
-    """Copy the final checkpoint's model folder to RUN_DIR/model with one rename (never half-written)."""
+    """Copy the final checkpoint's model folder to RUN_DIR/model, swapped in as a checkpoint save is."""
+    from scpermut_dist.mapping.checkpoint import swap_in
+
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=dst.parent))
     try:
         checkpoint.to_directory(str(tmp / "ckpt"))
         src = tmp / "ckpt" / MODEL_DIR
         if not (src / "manifest.json").is_file():
             raise RuntimeError(f"checkpoint {checkpoint.path} holds no {MODEL_DIR}/ folder")
-        staged = dst.parent / f".{dst.name}.new-{uuid.uuid4().hex[:6]}"
-        os.rename(src, staged)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:6]}"
-            os.rename(dst, old)
-            os.rename(staged, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staged, dst)
+        swap_in(src, dst)  # afterwards `src` holds the previous model, if any, removed with `tmp`
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,22 +59,18 @@ def fingerprint(uri: str, data: DataConfig) -> str:
 
 
 def save_prepared(arrays: PreparedArrays, folder: str | Path) -> Path:
-    """Write atomically (temporary sibling, then rename): a crash never leaves a half-written preparation."""
+    """Write atomically (`loaders.atomic`): a crash never leaves a half-written preparation."""
+    from loaders.atomic import atomic_directory
+
     dst = Path(folder)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(dst) as tmp:
+        tmp.mkdir()
         np.savez(tmp / "codes.npz", **{k: getattr(arrays, k) for k in ARRAYS})
         (tmp / "prepared.json").write_text(json.dumps(arrays.meta(), indent=1, default=_json_default))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
