@@ -7,7 +7,7 @@ from typing import Callable
 import anndata as ad
 
 from scpermut_dist.config import RunConfig
-from scpermut_dist.mapping.align import MappingResult
+from scpermut_dist.mapping.output import MappingResult
 from scpermut_dist.mapping.reference import Reference, load_reference
 from scpermut_dist.train.reference import config_with_data_keys, train_reference
 

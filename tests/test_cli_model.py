@@ -163,7 +163,7 @@ def test_map_zero_fills_missing_genes_with_a_warning(datasets_dir, tmp_path, ckp
 def test_class_names_with_slashes_survive_the_h5ad_round_trip(datasets_dir, tmp_path):
     import warnings
 
-    from scpermut_dist.mapping.align import write_h5ad_atomic
+    from scpermut_dist.mapping.output import write_h5ad_atomic
 
     adata = cellbench_sng(datasets_dir)
     adata.obs["cell_line"] = adata.obs["cell_line"].astype(str) + "/x+"  # like "CD4+/CD25 T Reg"

@@ -48,7 +48,7 @@ def run_atlas(args: argparse.Namespace) -> int:
     from loaders.sources import spec_from_uri
     from scpermut_dist.commands.main import main
     from scpermut_dist.config import RunConfig
-    from scpermut_dist.mapping.align import write_h5ad_atomic
+    from scpermut_dist.mapping.output import write_h5ad_atomic
     from scpermut_dist.mapping.reference import load_reference
 
     out = Path(args.out)
@@ -109,7 +109,7 @@ def run_pbmc68k(args: argparse.Namespace) -> int:
     from scpermut_dist.api import fit
     from scpermut_dist.config import RunConfig
     from scpermut_dist.errors import UsageError
-    from scpermut_dist.mapping.align import write_h5ad_atomic
+    from scpermut_dist.mapping.output import write_h5ad_atomic
     from scpermut_dist.train.preprocess import encode
     from scpermut_dist.train.split import stratified_split
     from scpermut_dist.train.trainer import format_record

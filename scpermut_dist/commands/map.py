@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     from scpermut_dist.api import load_reference
     from scpermut_dist.errors import UsageError
-    from scpermut_dist.mapping.align import read_h5ad, write_h5ad_atomic
+    from scpermut_dist.mapping.output import read_h5ad, write_h5ad_atomic
 
     out = Path(args.out)
     if out.is_dir():

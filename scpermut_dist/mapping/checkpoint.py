@@ -19,7 +19,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def _write_files(ckpt: Checkpoint, d: Path) -> None:
     manifest = {
         "format": "scpermut-checkpoint",
         "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "packages": package_versions(),
         "dims": ckpt.dims,
         "n_genes": len(ckpt.genes),

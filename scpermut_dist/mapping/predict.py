@@ -1,7 +1,7 @@
 """Inference: latent and class probabilities of normalised cells, for validation, mapping and serving."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -13,13 +13,14 @@ import pandas as pd
 import scpermut_dist
 from loaders.normalize import Normalization
 from scpermut_dist.config import RunConfig
-from scpermut_dist.mapping.align import MappingResult, annotate, map_anndata
+from scpermut_dist.mapping.align import map_anndata
 from scpermut_dist.mapping.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from scpermut_dist.mapping.output import MappingResult, annotate
 from scpermut_dist.model.module import ScPermutModule
 
 
