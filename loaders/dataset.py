@@ -7,7 +7,9 @@ consumer (training) thread only receives ready tensors. Memory is bounded by `io
 (`prefetch` + `io_threads`) plus a few minibatches, not by the atlas size. A
 selection that fits in one IO pool is read once and cached, so tiny datasets pay no per-epoch IO.
 
-`read_counts` must hand over a fresh matrix (all sources do): it is normalised in place.
+`read_counts` must hand over a fresh matrix (all sources do): it is normalised in place. A normalisation
+over all genes (`Normalization.needs_totals`) divides each cell by its entry of `totals` (one per source
+cell: its total counts over all of its genes, not only the genes read).
 
 State and resume: the stream position is (epoch, minibatches consumed by this rank). Resuming skips
 fully consumed pools without reading them and, for the pool in progress, reads only the rows the
@@ -55,7 +57,7 @@ class PairedCellDataset(IterableDataset):
     def __init__(self, source, plan: SamplingPlan, normalization: Normalization | None = None,
                  batch_size: int = 430, label_codes=None, batch_codes=None, io_batch_cells: int = DEFAULT_IO_BATCH_CELLS,
                  prefetch: int = 1, drop_last: bool = True, cache_small: bool = True, io_threads: int = 1,
-                 rank: int | None = None, world_size: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, totals=None):
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1; got {batch_size}.")
         if io_batch_cells < batch_size:
@@ -78,6 +80,12 @@ class PairedCellDataset(IterableDataset):
         self.batch_codes = np.asarray(plan.batches if batch_codes is None else batch_codes)
         if len(self.label_codes) != n or len(self.batch_codes) != n:
             raise DataError(f"label_codes/batch_codes must have one entry per source cell ({n}).")
+        self.totals = None if totals is None else np.asarray(totals)  # kept as given (float32: 4 B per cell)
+        if self.totals is None and self.normalization.needs_totals:
+            raise DataError("this normalisation divides by each cell's total counts over all genes: pass `totals` "
+                            "(one per source cell, e.g. PreparedReference.totals).")
+        if self.totals is not None and len(self.totals) != n:
+            raise DataError(f"totals must have one entry per source cell ({n}); got {len(self.totals)}.")
         if self._source is not None and self._source.n_cells != n:
             raise DataError(f"the plan covers {n} cells but the source has {self._source.n_cells}; build the plan "
                             "from this source's obs.")
@@ -167,10 +175,14 @@ class PairedCellDataset(IterableDataset):
             with self._cache_lock:  # several IO threads: read the tiny selection once
                 if self._cache is None:
                     cells = self.plan.cells
-                    self._cache = (cells, self.normalization.apply_csr(source.read_counts(cells), copy=False))
+                    self._cache = (cells, self._normalise(source.read_counts(cells), cells))
             cells, x = self._cache
             return x[np.searchsorted(cells, rows)]
-        return self.normalization.apply_csr(source.read_counts(rows), copy=False)
+        return self._normalise(source.read_counts(rows), rows)
+
+    def _normalise(self, x, rows: np.ndarray):
+        totals = None if self.totals is None else self.totals[rows]
+        return self.normalization.apply_csr(x, totals=totals, copy=False)
 
     def _load(self, source, epoch: int, task, first: int):
         """Draw one pool and read + normalise the rows its remaining minibatches need (an IO thread)."""

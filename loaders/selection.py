@@ -15,7 +15,8 @@ from loaders.errors import DataError
 LABEL_COL = "label"  # standardised obs column: cell type (categorical of str), <NA> when unlabelled
 BATCH_COL = "batch"  # standardised obs column: combined batch id (categorical of str)
 # Categorical, not object strings: obs of 10^8 cells must stay small in every worker.
-UNLABELED_DEFAULTS = ("unlabeled", "Unlabeled", "unknown", "Unknown", "nan", "NaN", "")
+# Label values that mean "no label" (matched case-insensitively, surrounding spaces ignored); missing values too.
+UNLABELED_DEFAULTS = ("unknown", "unlabeled", "unlabelled", "nan", "na", "n/a", "none", "")
 CHUNK_CELLS = 1 << 18  # cells per vectorised step: temporaries stay ~2 MB whatever the number of cells
 PAIR_TABLE_MAX = 1 << 24  # batch-key pairs up to this many possible combinations use a lookup table, not a hash
 
@@ -27,7 +28,7 @@ class CellSelection:
     obs_value_filter: str | None = None
     label_key: str | None = None
     batch_keys: tuple[str, ...] = ()
-    unlabeled_values: tuple[str, ...] = ()
+    unlabeled_values: tuple[str, ...] = UNLABELED_DEFAULTS  # the full list (replaces the defaults)
     genes: tuple[str, ...] | None = None  # feature_id or feature_name; None = all genes
     obs_columns: tuple[str, ...] = field(default_factory=tuple)  # extra obs columns to carry
 
@@ -56,7 +57,7 @@ def standardize_obs(obs: pd.DataFrame, selection: CellSelection, where: str) -> 
 
 
 def _label_column(obs: pd.DataFrame, selection: CellSelection) -> pd.Categorical:
-    """Cell types as strings; missing and `unlabeled_values` become <NA>."""
+    """Cell types as strings; missing and `unlabeled_values` (any case) become <NA>."""
     if not selection.label_key:
         return as_categorical([], np.full(len(obs), -1, dtype=np.int8))
     return as_categorical(*string_codes(obs[selection.label_key], drop=selection.unlabeled_values))
@@ -83,7 +84,8 @@ def string_codes(col: pd.Series, missing: str | None = None,
 
     Values are turned into strings (as `astype("string")` does) once per category or distinct value,
     never per cell. `missing` names missing values (as `fillna` would); values in `drop` become -1.
-    Only values that occur are kept; codes have the smallest dtype pandas would pick.
+    Only values that occur are kept; codes have the smallest dtype pandas would pick. `drop` matches
+    case-insensitively, ignoring surrounding spaces ("Unknown " drops with "unknown").
     """
     values, codes = _raw_codes(col)
     strings = [missing if pd.isna(s) else str(s) for s in pd.Series(values).astype("string")]
@@ -113,13 +115,17 @@ def _sorted_unique(strings: list[str | None], codes: np.ndarray,
     `strings` has one entry per code plus a last one for code -1 (None = stays missing).
     """
     seen = _present(codes, len(strings))
-    dropped = set(drop)
-    names = sorted({s for s, used in zip(strings, seen) if used and s is not None and s not in dropped})
+    dropped = {_fold(d) for d in drop}
+    names = sorted({s for s, used in zip(strings, seen) if used and s is not None and _fold(s) not in dropped})
     pos = {s: i for i, s in enumerate(names)}
     table = np.array([pos.get(s, -1) for s in strings], dtype=_code_dtype(len(names)))
     if table.dtype == codes.dtype and table[-1] == -1 and np.array_equal(table[:-1], np.arange(len(table) - 1)):
         return names, codes  # already sorted, unique and all used (e.g. anndata's categoricals): no copy
     return names, recode(table, codes)
+
+
+def _fold(value: str) -> str:
+    return str(value).strip().casefold()
 
 
 def _present(codes: np.ndarray, n_slots: int) -> np.ndarray:

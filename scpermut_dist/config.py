@@ -38,13 +38,24 @@ class GenerateConfig(_Section):
     datasets: int | None = Field(None, ge=1)
 
 
+def _unlabeled_defaults() -> list[str]:
+    from loaders.selection import (
+        UNLABELED_DEFAULTS,  # lazily: pandas is not needed to parse a config
+    )
+
+    return list(UNLABELED_DEFAULTS)
+
+
 class DataConfig(_Section):
     source: str | None = None  # h5ad file, SOMA Experiment or Census-shaped collection (--h5ad / --store)
     organism: str | None = None  # Census-shaped collections: e.g. "Homo sapiens"
     generate: GenerateConfig | None = None
     label_key: str | None = None
     batch_keys: list[str] = Field(default_factory=list)
-    unlabeled_value: str | list[str] | None = None
+    # Label values meaning "no label", matched case-insensitively; missing values are unlabelled too. The
+    # defaults (loaders.selection.UNLABELED_DEFAULTS) always apply: a value given here or by --unlabeled-value
+    # is added to them.
+    unlabeled_value: str | list[str] | None = Field(default_factory=lambda: _unlabeled_defaults())
     obs_value_filter: str | None = None
     layer: str | None = None
     n_hvg: int = Field(3000, ge=1)

@@ -40,12 +40,20 @@ def test_member_zero_is_the_single_model_and_the_others_differ(runs):
 def test_mapping_averages_the_members_probabilities_and_embeds_with_member_zero(runs):
     adata, single, ens = runs
     res, res_single = ens.map(adata), single.map(adata)
-    x = torch.from_numpy(ens.normalization.apply_dense(adata[:, ens.genes["feature_id"]].X))
-    per_member = [predict_proba(m, x)[1] for m in ens.members]
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()  # library size over all of the query's genes
+    x = torch.from_numpy(ens.normalization.apply_dense(adata[:, ens.genes["feature_id"]].X, totals))
+    temps = ens.metrics["calibration"]["temperature"]  # one fitted temperature per member
+    assert len(temps) == 3
+    per_member = [predict_proba(m, x, temperatures=[t])[1] for m, t in zip(ens.members, temps)]
     assert np.allclose(res.probabilities.to_numpy(), np.mean(per_member, axis=0), atol=1e-6)
     assert np.array_equal(res.latent, res_single.latent)
     assert np.allclose(res.probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)
-    assert res.confidence.max() <= 1.0
+    probs = res.probabilities.to_numpy()  # confidence = max of the MEAN probabilities, not a mean of members' maxima
+    assert np.allclose(res.confidence, probs.max(axis=1), atol=1e-6)
+    raw = getattr(res, "labels_raw", None)  # the argmax before any abstention ("unknown")
+    raw = res.labels if raw is None else raw
+    assert np.array_equal(np.asarray(raw).astype(str), np.asarray(ens.classes)[probs.argmax(axis=1)])
+    assert (res.confidence >= 1.0 / len(ens.classes) - 1e-6).all()
 
 
 def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_path):

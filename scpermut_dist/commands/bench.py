@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("loader", "ablation", "train")
+BENCHMARKS = ("loader", "ablation", "train", "map", "serve")
 
 
 def add_parser(subparsers) -> None:

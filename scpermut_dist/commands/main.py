@@ -13,7 +13,7 @@ import sys
 from loaders.errors import DataError
 from scpermut_dist.errors import UsageError
 
-COMMANDS = ("train", "map", "evaluate", "demo", "ingest", "synth", "bench", "launch")
+COMMANDS = ("train", "map", "evaluate", "demo", "ingest", "synth", "bench", "launch", "serve")
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -1,12 +1,19 @@
-"""Map a query onto a trained reference: align genes by name, normalise as in training, predict in chunks.
+"""Map a query onto a trained reference: align genes (mapping/genes.py), normalise as in training, predict
+in chunks.
 
 The query needs raw counts only (no label, no batch column). Model genes absent from the query are
-zero-filled with a warning; fewer than half found is refused, since predictions would be meaningless.
+zero-filled with a warning; fewer than `min_gene_fraction` (default half) found is refused, since
+predictions would be meaningless. Each cell is divided by its own total counts over ALL of its genes
+(as the reference cells were), so a query missing model genes is not scaled up against the reference.
+
+Streaming interface (any chunked reader, e.g. SOMA): `plan = plan_query(var, genes, normalization, ...)`
+once, then `x_ng = prepare_query_chunk(x_chunk, plan)` per chunk of raw counts over all query genes.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -16,60 +23,98 @@ import torch
 
 from loaders.errors import DataError
 from loaders.normalize import Normalization
-from loaders.sources.anndata_source import var_with_feature_columns
 from loaders.validate import check_raw_counts
+from scpermut_dist.mapping.genes import MIN_GENE_FRACTION, Duplicates, GeneAlignment
+from scpermut_dist.mapping.genes import align_genes as _align
 from scpermut_dist.mapping.output import MappingResult
-from scpermut_dist.mapping.predict import predict_proba
+from scpermut_dist.mapping.predict import Predictor
 from scpermut_dist.model.module import ScPermutModule
 
 log = logging.getLogger(__name__)
-MIN_GENE_FRACTION = 0.5
 CHUNK_CELLS = 4096  # cells densified at a time: memory stays bounded whatever the query size
 
-
-def align_genes(query_var: pd.DataFrame, model_genes: pd.DataFrame, where: str = "query"
-                ) -> tuple[np.ndarray, str]:
-    """Query column of each model gene (-1 if absent), matching by feature_id or symbol, whichever finds more."""
-    qv = var_with_feature_columns(query_var)
-    best = None
-    for key in ("feature_id", "feature_name"):
-        index = pd.Index(qv[key].astype(str))
-        first = np.flatnonzero(~index.duplicated())  # first occurrence wins for duplicated names
-        hit = index[first].get_indexer(model_genes[key].astype(str))
-        pos = np.where(hit >= 0, first[np.maximum(hit, 0)], -1)
-        if best is None or (pos >= 0).sum() > (best[0] >= 0).sum():
-            best = (pos, key)
-    pos, key = best
-    n_found, n_model = int((pos >= 0).sum()), len(model_genes)
-    if n_found < MIN_GENE_FRACTION * n_model:
-        example = ", ".join(model_genes["feature_id"].astype(str).head(3)) + " / " + \
-            ", ".join(model_genes["feature_name"].astype(str).head(3))
-        raise DataError(
-            f"{where}: only {n_found} of the model's {n_model} genes are in the query (need at least "
-            f"{MIN_GENE_FRACTION:.0%}). Genes are matched by Ensembl id or symbol (model genes look like: {example}); "
-            "check the query's var_names / feature_id column and the organism."
-        )
-    if n_found < n_model:
-        log.warning("%s: %d of %d model genes are missing from the query and are filled with zeros",
-                    where, n_model - n_found, n_model)
-    return pos, key
+__all__ = ["CHUNK_CELLS", "MIN_GENE_FRACTION", "QueryPlan", "align_genes", "aligned_counts", "map_anndata",
+           "plan_query", "prepare_query_chunk"]
 
 
-def aligned_counts(x, pos: np.ndarray) -> sp.csr_matrix:
-    """Query counts in model gene order; absent genes are all-zero columns."""
-    x = sp.csr_matrix(x, dtype=np.float32)
-    found = np.flatnonzero(pos >= 0)
-    sub = x[:, pos[found]].tocoo()
-    return sp.csr_matrix((sub.data, (sub.row, found[sub.col])), shape=(x.shape[0], len(pos)), dtype=np.float32)
+@dataclass(frozen=True)
+class QueryPlan:
+    """How every chunk of one query becomes model input: the gene alignment and the model's normalisation."""
+
+    alignment: GeneAlignment
+    normalization: Normalization
+    where: str = "query"
+
+    @property
+    def n_query_genes(self) -> int:
+        return self.alignment.n_query_genes
+
+    @property
+    def n_genes_found(self) -> int:
+        return self.alignment.n_found
+
+    @property
+    def n_genes_model(self) -> int:
+        return self.alignment.n_model_genes
+
+    @property
+    def matched_by(self) -> str:
+        return self.alignment.matched_by
+
+
+def plan_query(query_var: pd.DataFrame, genes: pd.DataFrame, normalization: Normalization,
+               gene_key: str | None = None, min_gene_fraction: float = MIN_GENE_FRACTION,
+               duplicates: Duplicates = "sum", where: str = "query") -> QueryPlan:
+    """Align the query's var (all of its genes, in column order) to the model genes; DataError below the floor."""
+    if len(query_var) == 0:
+        raise DataError(f"{where}: the query has no genes.")
+    alignment = _align(query_var, genes, gene_key=gene_key, min_gene_fraction=min_gene_fraction,
+                       duplicates=duplicates, where=where)
+    return QueryPlan(alignment, normalization, where)
+
+
+def prepare_query_chunk(x_chunk, plan: QueryPlan) -> np.ndarray:
+    """Raw counts of some query cells over ALL query genes (CSR, or anything scipy converts) -> the
+    normalised dense float32 model input x_ng (cells x model genes).
+
+    Every value is checked (DataError for negative, NaN/inf or non-integer counts); each cell's library
+    size is its total over all its genes; duplicated genes are summed as the plan says.
+    """
+    x = x_chunk if sp.issparse(x_chunk) and x_chunk.format == "csr" else sp.csr_matrix(x_chunk)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if x.shape[1] != plan.n_query_genes:
+        raise DataError(f"{plan.where}: a chunk has {x.shape[1]} genes, the query's var {plan.n_query_genes}.")
+    check_raw_counts(x, plan.where, max_values=max(x.nnz, 1))
+    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+    counts = plan.alignment.aligned(x)
+    return plan.normalization.apply_csr(counts, totals=totals, copy=False).toarray()
 
 
 def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list[str], genes: pd.DataFrame,
                 normalization: Normalization, adata: ad.AnnData, layer: str | None = None, where: str = "query",
-                chunk_cells: int = CHUNK_CELLS) -> MappingResult:
+                chunk_cells: int = CHUNK_CELLS, gene_key: str | None = None,
+                min_gene_fraction: float = MIN_GENE_FRACTION, duplicates: Duplicates = "sum") -> MappingResult:
     """Predict labels, probabilities and latent coordinates for every cell of `adata`.
 
-    `module` may be an ensemble's members: the latent is the first member's, the probabilities their mean.
+    `module` may be an ensemble's members: the latent is the first member's, the probabilities their mean;
+    or a `Predictor` (calibration, reference neighbours, unknown rule: `Predictor.from_reference`).
     """
+    matrix = query_matrix(adata, layer, where)
+    plan = plan_query(adata.var, genes, normalization, gene_key, min_gene_fraction, duplicates, where)
+    predictor = module if isinstance(module, Predictor) else Predictor(
+        [module] if isinstance(module, ScPermutModule) else list(module), list(classes))
+    obs_names = adata.obs_names.astype(str)
+    parts = []
+    for start in range(0, adata.n_obs, chunk_cells):
+        x_ng = torch.from_numpy(prepare_query_chunk(matrix[start:start + chunk_cells], plan))
+        parts.append(predictor.predict(x_ng, obs_names[start:start + chunk_cells], plan.n_genes_found,
+                                       plan.n_genes_model, plan.matched_by, chunk=chunk_cells))
+    return MappingResult.concat(parts)
+
+
+def query_matrix(adata: ad.AnnData, layer: str | None, where: str):
+    """The query's raw-count matrix, with clear errors for no cells, no genes, a missing layer or no counts."""
     if adata.n_obs == 0:
         raise DataError(f"{where}: the query has no cells.")
     if adata.n_vars == 0:
@@ -79,17 +124,25 @@ def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list
     matrix = adata.layers[layer] if layer else adata.X
     if matrix is None:
         raise DataError(f"{where}: X is empty; pass --layer with the raw counts.")
-    pos, key = align_genes(adata.var, genes, where)
-    latents, probas = [], []
-    for start in range(0, adata.n_obs, chunk_cells):
-        x = aligned_counts(matrix[start:start + chunk_cells], pos)
-        check_raw_counts(x, where)
-        x_ng = torch.from_numpy(normalization.apply_dense(x))
-        z, p = predict_proba(module, x_ng, chunk=chunk_cells)
-        latents.append(z), probas.append(p)
-    proba = np.concatenate(probas)
-    names = np.asarray(classes, dtype=object)
-    return MappingResult(labels=names[proba.argmax(axis=1)].astype(str), confidence=proba.max(axis=1),
-                         probabilities=pd.DataFrame(proba, index=adata.obs_names.astype(str), columns=list(classes)),
-                         latent=np.concatenate(latents), n_genes_found=int((pos >= 0).sum()),
-                         n_genes_model=len(genes), matched_by=key)
+    nonzero = matrix.count_nonzero() if sp.issparse(matrix) else np.count_nonzero(np.asarray(matrix))
+    if nonzero == 0:
+        raise DataError(f"{where}: the count matrix {('layer ' + repr(layer)) if layer else 'X'} is all zeros; "
+                        "give the raw counts (e.g. --layer counts).")
+    return matrix
+
+
+def align_genes(query_var: pd.DataFrame, model_genes: pd.DataFrame, where: str = "query",
+                gene_key: str | None = None, min_gene_fraction: float = MIN_GENE_FRACTION
+                ) -> tuple[np.ndarray, str]:
+    """Query column of each model gene (-1 if absent) and the namings used. Kept for callers that index
+    columns; it takes the first of duplicated genes, so prefer `plan_query` + `prepare_query_chunk`."""
+    alignment = _align(query_var, model_genes, gene_key=gene_key, min_gene_fraction=min_gene_fraction, where=where)
+    return alignment.first_positions(), alignment.matched_by
+
+
+def aligned_counts(x, pos: np.ndarray) -> sp.csr_matrix:
+    """Query counts in model gene order; absent genes are all-zero columns."""
+    x = sp.csr_matrix(x, dtype=np.float32)
+    found = np.flatnonzero(pos >= 0)
+    sub = x[:, pos[found]].tocoo()
+    return sp.csr_matrix((sub.data, (sub.row, found[sub.col])), shape=(x.shape[0], len(pos)), dtype=np.float32)

@@ -8,6 +8,8 @@ Layout (FORMAT_VERSION 1):
     config.yaml    the resolved `RunConfig`
     genes.tsv      the model's input genes in order: feature_id, feature_name
     history.json   per-epoch training history
+    <name>.npz     optional extras (`Checkpoint.extras[name]`, e.g. "neighbors", "replay"): named numeric
+                   arrays written with np.savez and read with allow_pickle=False; listed in manifest "extras"
 A save writes a temporary sibling folder, fsyncs it, then swaps it in with one rename (an atomic
 exchange on Linux), so a crash mid-save leaves the previous checkpoint intact.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -33,6 +37,7 @@ from scpermut_dist.errors import UsageError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MEMBER_PREFIX = "member"  # weights.pt keys of ensemble members 1..K-1
+_EXTRA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _PACKAGES = ("scpermut-dist", "torch", "numpy", "anndata", "scanpy", "pydantic")
 
 
@@ -53,6 +58,7 @@ class Checkpoint:
     history: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)  # filled on load
     extra_state_dicts: list[dict[str, torch.Tensor]] = field(default_factory=list)  # ensemble members 1..K-1
+    extras: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> arrays, one <name>.npz each
 
 
 def package_versions() -> dict[str, str]:
@@ -100,6 +106,9 @@ def _write_files(ckpt: Checkpoint, d: Path) -> None:
         "metrics": ckpt.metrics,
         "summary": ckpt.summary,
     }
+    manifest["extras"] = sorted(ckpt.extras)
+    for name, arrays in ckpt.extras.items():
+        _write_extra(d, name, arrays)
     with open(d / "weights.pt", "wb") as f:
         weights = {k: v.detach().cpu() for k, v in ckpt.state_dict.items()}
         for i, sd in enumerate(ckpt.extra_state_dicts, start=1):
@@ -127,6 +136,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config = RunConfig.from_yaml(d / "config.yaml")
         genes = pd.read_csv(d / "genes.tsv", sep="\t", dtype=str, keep_default_na=False)
         history = json.loads((d / "history.json").read_text())
+        extras = {name: _read_extra(d, name) for name in manifest.get("extras", [])}
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         if isinstance(exc, UsageError):
             raise
@@ -135,7 +145,30 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       batches=manifest["batches"], normalization=Normalization.from_dict(manifest["normalization"]),
                       dims=manifest["dims"], training_data=manifest.get("training_data", {}),
                       metrics=manifest.get("metrics", {}), summary=manifest.get("summary", {}), history=history,
-                      manifest=manifest, extra_state_dicts=extra)
+                      manifest=manifest, extra_state_dicts=extra, extras=extras)
+
+
+def _write_extra(d: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """One extra as `<name>.npz`: plain numeric/string arrays only, so it loads without pickle."""
+    if not _EXTRA_NAME.match(name):
+        raise UsageError(f"checkpoint extra {name!r}: use a name of letters, digits, '_' or '-' (starting with a letter)")
+    clean = {}
+    for key, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.hasobject:
+            raise UsageError(f"checkpoint extra {name}[{key!r}] has dtype object; convert it to a numeric or "
+                             "fixed-width string array (e.g. .astype(str))")
+        clean[key] = a
+    with open(d / f"{name}.npz", "wb") as f:
+        np.savez(f, **clean)
+        _sync(f)
+
+
+def _read_extra(d: Path, name: str) -> dict[str, np.ndarray]:
+    if not _EXTRA_NAME.match(str(name)):
+        raise ValueError(f"manifest lists an invalid extra name {name!r}")
+    with np.load(d / f"{name}.npz", allow_pickle=False) as z:
+        return {key: z[key] for key in z.files}
 
 
 def _split_members(weights: dict, ensemble_size: int) -> tuple[dict, list[dict]]:

@@ -1,6 +1,7 @@
 """What mapping produces and how it is written: `MappingResult`, AnnData annotation, atomic h5ad I/O."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -15,33 +16,85 @@ from loaders.errors import DataError
 
 @dataclass
 class MappingResult:
-    labels: np.ndarray  # predicted class name per cell (str)
-    confidence: np.ndarray  # max class probability
+    """Per-cell outputs (arrays / a frame, concatenable chunk by chunk) and run-level fields."""
+
+    labels: np.ndarray  # predicted class name per cell (str); "unknown" where the model abstains
+    confidence: np.ndarray  # max class probability (calibrated when `calibrated`)
     probabilities: pd.DataFrame  # cells x classes
     latent: np.ndarray  # cells x latent_dim
     n_genes_found: int
     n_genes_model: int
     matched_by: str  # "feature_id" or "feature_name"
+    labels_raw: np.ndarray | None = None  # the model's argmax class, before abstention
+    unknown: np.ndarray | None = None  # bool: abstained (None: the reference has no unknown rule)
+    unknown_score: np.ndarray | None = None  # float, higher = more likely a type absent from the reference
+    neighbor_label: np.ndarray | None = None  # majority type of the k nearest reference cells (None: no sample)
+    neighbor_agreement: np.ndarray | None = None  # fraction of those neighbours of that type
+    thresholds: dict | None = None  # the unknown rule applied (confidence, quantile, distance, k)
+    calibrated: bool = False
+
+    @classmethod
+    def concat(cls, parts: list[MappingResult]) -> MappingResult:
+        """Chunk results as one: per-cell arrays and frames concatenated, run-level fields from the first."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            first = getattr(parts[0], f.name)
+            if isinstance(first, np.ndarray):
+                values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
+            elif isinstance(first, pd.DataFrame):
+                values[f.name] = pd.concat([getattr(p, f.name) for p in parts])
+            else:
+                values[f.name] = first
+        return cls(**values)
 
 
 def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.AnnData:
     """Write the result into `adata`.
 
-    obs: `scpermut_label` (categorical over the reference classes), `scpermut_confidence` (max class
-    probability); obsm: `X_scpermut` (latent), `scpermut_probabilities` (cells x classes float32 array
+    obs: `scpermut_label` (categorical over the reference classes, plus "unknown" when the reference
+    abstains), `scpermut_confidence` (max class probability, calibrated when the checkpoint is),
+    `scpermut_label_raw` (the argmax before abstention), `scpermut_unknown` (bool), `scpermut_unknown_score`,
+    `scpermut_neighbor_label` / `scpermut_neighbor_agreement` (when the checkpoint has reference
+    neighbours); obsm: `X_scpermut` (latent), `scpermut_probabilities` (cells x classes float32 array
     whose column order is `uns["scpermut"]["classes"]`: an array, not a DataFrame, because class names
     such as "CD4+/CD25 T Reg" are not valid HDF5 column keys); uns: `scpermut` (model info, classes).
     `MappingResult.probabilities` is the same as a labelled DataFrame.
     """
+    from scpermut_dist.mapping.unknown import UNKNOWN_LABEL
+
     classes = list(result.probabilities.columns)
-    adata.obs["scpermut_label"] = pd.Categorical(result.labels, categories=classes)
+    label_categories = classes + ([UNKNOWN_LABEL] if result.unknown is not None and UNKNOWN_LABEL not in classes else [])
+    adata.obs["scpermut_label"] = pd.Categorical(result.labels, categories=label_categories)
     adata.obs["scpermut_confidence"] = result.confidence.astype(np.float32)
+    if result.labels_raw is not None:
+        adata.obs["scpermut_label_raw"] = pd.Categorical(result.labels_raw, categories=classes)
+    if result.unknown is not None:
+        adata.obs["scpermut_unknown"] = np.asarray(result.unknown, dtype=bool)
+        adata.obs["scpermut_unknown_score"] = np.asarray(result.unknown_score, dtype=np.float32)
+    if result.neighbor_label is not None:
+        adata.obs["scpermut_neighbor_label"] = pd.Categorical(result.neighbor_label, categories=classes)
+        adata.obs["scpermut_neighbor_agreement"] = np.asarray(result.neighbor_agreement, dtype=np.float32)
     adata.obsm["X_scpermut"] = result.latent.astype(np.float32)
     adata.obsm["scpermut_probabilities"] = result.probabilities.to_numpy(dtype=np.float32)
-    adata.uns["scpermut"] = {**model_info, "classes": classes, "n_genes_model": result.n_genes_model,
-                             "n_genes_found": result.n_genes_found, "genes_matched_by": result.matched_by,
-                             "confidence": "max class probability"}
+    n_model = max(int(result.n_genes_model), 1)
+    adata.uns["scpermut"] = _h5ad_safe({
+        **model_info, "classes": classes, "n_genes_model": result.n_genes_model,
+        "n_genes_found": result.n_genes_found, "gene_overlap": result.n_genes_found / n_model,
+        "genes_matched_by": result.matched_by,
+        "confidence": "calibrated max class probability" if result.calibrated else "max class probability",
+        **({"unknown_thresholds": result.thresholds} if result.thresholds else {})})
     return adata
+
+
+def _h5ad_safe(value):
+    """uns content h5ad can store: None dropped, tuples as lists, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_h5ad_safe(v) for v in value if v is not None]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def read_h5ad(path: str | Path, where: str | None = None) -> ad.AnnData:

@@ -77,7 +77,7 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     spec = factory(replace(selection_from_config(cfg.data), genes=tuple(arrays.genes["feature_id"].astype(str))))
     splits = member_splits(arrays, cfg)
     codes = {"label_codes": arrays.label_codes, "batch_codes": arrays.batch_codes, "cells": arrays.cells,
-             "chunks": arrays.chunks, "joinids": arrays.joinids}
+             "chunks": arrays.chunks, "joinids": arrays.joinids, "totals": arrays.totals}
     job = WorkerJob(config=cfg.model_dump(mode="json"), spec=spec, meta=arrays.meta(), codes_ref=ray.put(codes),
                     splits_ref=ray.put(splits), plan_refs=_shared_plans(arrays, cfg, splits), run_dir=str(run_dir),
                     use_gpu=scaling.gpus_per_worker > 0)
@@ -94,6 +94,7 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     if result.checkpoint is None:
         raise RuntimeError(f"the run ended without a checkpoint: {result.error}")
     model = _collect_model(result.checkpoint, run_dir / MODEL_DIR)
+    _finalize_on_driver(model, job, codes, cfg, splits)
     return {**(result.metrics or {}), "model": str(model), "wall_seconds": round(time.perf_counter() - t0, 3),
             "n_cells": int(len(arrays.cells)), "n_genes": int(len(arrays.genes)),
             "n_classes": len(arrays.classes), "n_batches": len(arrays.batches)}
@@ -116,6 +117,22 @@ def _shared_plans(arrays: PreparedArrays, cfg: RunConfig, splits) -> dict:
                    if n not in ("labels", "batches", "chunks")}
             refs[key] = ray.put(own)
     return refs
+
+
+def _finalize_on_driver(model: Path, job: WorkerJob, codes: dict, cfg: RunConfig, splits) -> None:
+    """Calibration, reference neighbours and the unknown rule (train.finalize), fitted here with a source
+    opened as the workers open theirs; the model folder is then re-saved atomically."""
+    from scpermut_dist.mapping.reference import load_reference
+    from scpermut_dist.train.finalize import finalize_reference
+    from scpermut_dist.train.ray_worker import _prepared
+
+    ref = load_reference(model)
+    prep = _prepared(job, codes)
+    try:
+        finalize_reference(ref, prep, splits, cfg)
+    finally:
+        prep.source.close()
+    ref.save(model)
 
 
 def _collect_model(checkpoint, dst: Path) -> Path:

@@ -2,7 +2,8 @@
 
 Preparation streams the whole reference (QC pass, HVG statistics, library sizes): a distributed run does it
 once on the driver, keeps it in RUN_DIR/prepared/ and reuses it on every restart and re-run, instead of
-every rank repeating it. The per-cell codes are compact int32 arrays; the rest is small JSON.
+every rank repeating it. The per-cell codes are compact int32 arrays, the library sizes float32; the rest is
+small JSON.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from loaders.normalize import Normalization
 from scpermut_dist.config import DataConfig
 from scpermut_dist.errors import UsageError
 
-ARRAYS = ("label_codes", "batch_codes", "cells", "chunks", "joinids")
+ARRAYS = ("label_codes", "batch_codes", "cells", "chunks", "joinids", "totals")
+# Bumped when what preparation computes changes, so an older RUN_DIR/prepared is refused, not misread.
+# 2: per-cell `totals` (library size over all genes) and the normalisation target over all genes.
+PREPARATION_VERSION = 2
 
 
 @dataclass
@@ -37,13 +41,15 @@ class PreparedArrays:
     chunks: np.ndarray
     joinids: np.ndarray  # storage row of each cell (SOMA soma_joinid): ranks open X without reading obs
     fingerprint: str
+    totals: np.ndarray | None = None  # float32 per cell: total counts over all its genes (the library size)
 
     @classmethod
     def from_prepared(cls, prep, fingerprint: str) -> "PreparedArrays":
         return cls(prep.genes[["feature_id", "feature_name"]].reset_index(drop=True), prep.normalization,
                    list(prep.classes), list(prep.batches), prep.description, _int32(prep.label_codes),
                    _int32(prep.batch_codes), _int32(prep.cells), _int32(prep.source.chunk_ids()),
-                   prep.source.obs["soma_joinid"].to_numpy(dtype=np.int64), fingerprint)
+                   prep.source.obs["soma_joinid"].to_numpy(dtype=np.int64), fingerprint,
+                   None if prep.totals is None else np.asarray(prep.totals, dtype=np.float32))
 
     def meta(self) -> dict:
         return {"genes": self.genes.to_dict(orient="list"), "normalization": self.normalization.to_dict(),
@@ -55,7 +61,8 @@ def fingerprint(uri: str, data: DataConfig) -> str:
     """What preparation depends on: the source and the data settings (not sampling nor the validation split)."""
     keys = data.model_dump(mode="json", exclude={"sampling", "val_fraction", "val_max_cells", "val_min_per_class",
                                                  "val_split"})
-    return hashlib.sha256(json.dumps({"uri": str(uri), "data": keys}, sort_keys=True).encode()).hexdigest()[:16]
+    key = {"uri": str(uri), "data": keys, "version": PREPARATION_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_prepared(arrays: PreparedArrays, folder: str | Path) -> Path:
@@ -66,7 +73,7 @@ def save_prepared(arrays: PreparedArrays, folder: str | Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(dst) as tmp:
         tmp.mkdir()
-        np.savez(tmp / "codes.npz", **{k: getattr(arrays, k) for k in ARRAYS})
+        np.savez(tmp / "codes.npz", **{k: getattr(arrays, k) for k in ARRAYS if getattr(arrays, k) is not None})
         (tmp / "prepared.json").write_text(json.dumps(arrays.meta(), indent=1, default=_json_default))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -84,7 +91,7 @@ def load_prepared(folder: str | Path, expected_fingerprint: str) -> PreparedArra
         raise UsageError(f"{d} was prepared for other data or data settings (fingerprint {meta['fingerprint']}, "
                          f"this run {expected_fingerprint}); use a new --out folder, or delete {d} to start over")
     with np.load(d / "codes.npz") as z:
-        codes = {k: z[k] for k in ARRAYS}
+        codes = {k: z[k] for k in ARRAYS if k in z}
     return PreparedArrays(pd.DataFrame(meta["genes"]), Normalization.from_dict(meta["normalization"]),
                           meta["classes"], meta["batches"], meta["description"], fingerprint=meta["fingerprint"],
                           **codes)

@@ -2,8 +2,10 @@
 
 Works on any `loaders` source (AnnData in memory, h5ad file, SOMA store) through a factory that
 opens the source for a `CellSelection`, so the reference and an atlas take the same data path.
-HVGs are chosen batch-aware on the reference only; the normalisation target is the reference's
-median library size over the chosen genes, and is stored in the checkpoint for mapping.
+HVGs are chosen batch-aware on the reference only. Each cell's library size is its total counts over
+ALL of its genes (taken in the QC pass, which reads every gene anyway: no extra IO on any source), kept
+per cell (`totals`, float32) for training; the normalisation target is their median over QC'd cells, and
+is stored in the checkpoint for mapping (a query is divided by its own totals over all of its genes).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from loaders.errors import DataError
-from loaders.normalize import Normalization
-from loaders.selection import CellSelection
+from loaders.normalize import ALL_GENES, Normalization
+from loaders.selection import UNLABELED_DEFAULTS, CellSelection
 from loaders.validate import check_raw_counts
 from scpermut_dist.config import DataConfig
 
@@ -45,11 +47,14 @@ class PreparedReference:
     batch_codes: np.ndarray  # int64 per source cell
     cells: np.ndarray  # positions of cells that pass QC (sorted)
     description: dict
+    totals: np.ndarray | None = None  # float32 per source cell: total counts over all its genes (library size)
 
 
 def selection_from_config(data: DataConfig) -> CellSelection:
+    """The config's cells and keys; `data.unlabeled_value` adds to the default "no label" values."""
     unl = data.unlabeled_value
-    unlabeled = () if unl is None else ((unl,) if isinstance(unl, str) else tuple(unl))
+    given = () if unl is None else ((unl,) if isinstance(unl, str) else tuple(unl))
+    unlabeled = tuple(dict.fromkeys((*UNLABELED_DEFAULTS, *map(str, given))))
     return CellSelection(obs_value_filter=data.obs_value_filter, label_key=data.label_key,
                          batch_keys=tuple(data.batch_keys), unlabeled_values=unlabeled)
 
@@ -66,13 +71,17 @@ def prepare_reference(factory: SourceFactory, data: DataConfig, where: str = "re
         found = f"only {classes[0]!r}" if classes else "no labelled cell"
         raise DataError(f"{where}: label key {data.label_key!r} has {found}; the classifier needs at least 2 "
                         "cell types among labelled cells. Choose another --label-key or check --unlabeled-value.")
-    keep_cell, n_cells_per_gene = _qc_pass(full, data, where)
+    keep_cell, n_cells_per_gene, totals = _qc_pass(full, data, where)
     genes = _choose_genes(full, data, keep_cell, n_cells_per_gene, where, progress)
     genes_sel = replace(selection, genes=tuple(genes["feature_id"].astype(str)))
     spec = factory(genes_sel)
     source = open_source(spec)
     cells = np.flatnonzero(keep_cell)
-    normalization = Normalization(target_sum=_median_library_size(source, cells, data, where), log1p=True)
+    if source.n_cells != full.n_cells:
+        raise DataError(f"{where}: the source gave {full.n_cells} cells for all genes but {source.n_cells} for the "
+                        "model's genes; the cell selection must not depend on the genes")
+    normalization = Normalization(target_sum=_median_library_size(totals, cells, where), log1p=True,
+                                  library_size=ALL_GENES)
     # Classes/batches are encoded on the QC'd cells only: a class lost to QC must not be predicted.
     obs = source.obs
     kept_labels = obs["label"].iloc[cells]
@@ -96,7 +105,7 @@ def prepare_reference(factory: SourceFactory, data: DataConfig, where: str = "re
     }
     full.close()
     return PreparedReference(spec, source, genes, normalization, classes, batches, label_codes, batch_codes, cells,
-                             description)
+                             description, totals=totals)
 
 
 def encode(values: pd.Series) -> tuple[list[str], np.ndarray]:
@@ -124,16 +133,19 @@ def _row_blocks(n: int, step: int):
         yield np.arange(start, min(start + step, n))
 
 
-def _qc_pass(source, data: DataConfig, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """One streaming pass: validate every count, per-cell QC, per-gene number of expressing QC'd cells."""
+def _qc_pass(source, data: DataConfig, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One streaming pass over all genes: validate every count, per-cell QC and total counts (float32), and
+    the per-gene number of expressing QC'd cells."""
     keep = np.zeros(source.n_cells, dtype=bool)
+    totals = np.zeros(source.n_cells, dtype=np.float32)
     n_cells_per_gene = np.zeros(source.n_genes, dtype=np.int64)
     for rows in _row_blocks(source.n_cells, data.sampling.io_batch_cells):
         x = source.read_counts(rows)
         check_raw_counts(x, where, max_values=max(x.nnz, 1))  # every stored value, not a prefix
         x.eliminate_zeros()
-        ok = (np.asarray(x.sum(axis=1)).ravel() >= data.min_counts_per_cell) & \
-             (np.diff(x.indptr) >= data.min_genes_per_cell)
+        lib = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+        totals[rows] = lib
+        ok = (lib >= data.min_counts_per_cell) & (np.diff(x.indptr) >= data.min_genes_per_cell)
         keep[rows] = ok
         kept = x[np.flatnonzero(ok)]
         n_cells_per_gene += np.bincount(kept.indices, minlength=source.n_genes)
@@ -142,7 +154,7 @@ def _qc_pass(source, data: DataConfig, where: str) -> tuple[np.ndarray, np.ndarr
                         f"min_genes_per_cell={data.min_genes_per_cell}); are the counts empty?")
     if (~keep).any():
         log.info("%s: %d of %d cells fail QC and are left out", where, int((~keep).sum()), source.n_cells)
-    return keep, n_cells_per_gene
+    return keep, n_cells_per_gene, totals
 
 
 def _choose_genes(source, data: DataConfig, keep_cell: np.ndarray, n_cells_per_gene: np.ndarray, where: str,
@@ -166,16 +178,12 @@ def _choose_genes(source, data: DataConfig, keep_cell: np.ndarray, n_cells_per_g
     return var.iloc[np.sort(hvg)].reset_index(drop=True)
 
 
-def _median_library_size(source, cells: np.ndarray, data: DataConfig, where: str) -> float:
-    """Median total counts over the model genes, on a seeded sample of at most LIBSIZE_SAMPLE QC'd cells."""
+def _median_library_size(totals: np.ndarray, cells: np.ndarray, where: str) -> float:
+    """Median total counts (over all genes) on a seeded sample of at most LIBSIZE_SAMPLE QC'd cells."""
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(cells, size=min(len(cells), LIBSIZE_SAMPLE), replace=False))
-    sizes = []
-    for start in range(0, len(sample), data.sampling.io_batch_cells):
-        x = source.read_counts(sample[start:start + data.sampling.io_batch_cells])
-        sizes.append(np.asarray(x.sum(axis=1)).ravel())
-    median = float(np.median(np.concatenate(sizes)))
+    median = float(np.median(totals[sample]))
     if median <= 0:
-        raise DataError(f"{where}: the median library size over the selected genes is 0; most cells have no "
-                        "counts on these genes. Check the gene list or the counts layer.")
+        raise DataError(f"{where}: the median library size is 0; most cells have no counts. "
+                        "Check the counts layer.")
     return median

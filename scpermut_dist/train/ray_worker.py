@@ -44,7 +44,7 @@ class WorkerJob:
     config: dict  # RunConfig.model_dump()
     spec: Any  # picklable source spec restricted to the model genes (each rank opens its own reader)
     meta: dict  # PreparedArrays.meta(): genes, normalisation, classes, batches, description
-    codes_ref: Any  # ObjectRef -> {"label_codes", "batch_codes", "cells", "chunks"}
+    codes_ref: Any  # ObjectRef -> {"label_codes", "batch_codes", "cells", "chunks", "joinids", "totals"}
     splits_ref: Any  # ObjectRef -> list[MemberSplit]
     plan_refs: dict  # (member, "all"|"labelled", permute) -> ObjectRef of SamplingPlan.to_arrays() minus codes
     run_dir: str
@@ -104,7 +104,7 @@ def _prepared(job: WorkerJob, codes: dict) -> PreparedReference:
     source = job.spec.open(joinids=codes["joinids"]) if shared_rows else job.spec.open()
     return PreparedReference(job.spec, source, pd.DataFrame(m["genes"]), Normalization.from_dict(m["normalization"]),
                              m["classes"], m["batches"], codes["label_codes"], codes["batch_codes"], codes["cells"],
-                             m["description"])
+                             m["description"], totals=codes.get("totals"))
 
 
 def _plan_lookup(job: WorkerJob, codes: dict, cfg: RunConfig):

@@ -19,6 +19,7 @@ from scpermut_dist.config import RunConfig
 from scpermut_dist.mapping.reference import Reference
 from scpermut_dist.model.losses import LossWeights
 from scpermut_dist.model.module import ScPermutModule
+from scpermut_dist.train.finalize import finalize_reference
 from scpermut_dist.train.preprocess import (
     PreparedReference,
     SourceFactory,
@@ -92,7 +93,9 @@ def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir:
         torch.set_num_threads(cfg.train.num_threads)
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
     try:
-        ref = train_members(prep, member_splits(prep, cfg), cfg, quiet=quiet, report=report, t_start=t_start)
+        splits = member_splits(prep, cfg)
+        ref = train_members(prep, splits, cfg, quiet=quiet, report=report, t_start=t_start)
+        finalize_reference(ref, prep, splits, cfg)  # calibration, reference neighbours, unknown rule
     finally:
         prep.source.close()
     if out_dir is not None and dist_rank_world()[0] == 0:
@@ -205,7 +208,8 @@ def read_validation(prep: PreparedReference, val: np.ndarray) -> ValidationSet:
     mine = np.asarray(val)[rank::world]
     if len(mine) == 0:
         return ValidationSet(torch.zeros(0, len(prep.genes)), torch.zeros(0, dtype=torch.long))
-    x = prep.normalization.apply_dense(prep.source.read_counts(mine))
+    totals = None if prep.totals is None else np.asarray(prep.totals)[mine]  # library size over all genes
+    x = prep.normalization.apply_dense(prep.source.read_counts(mine), totals)
     return ValidationSet(torch.from_numpy(x), torch.from_numpy(np.asarray(prep.label_codes)[mine].astype(np.int64)))
 
 
@@ -262,7 +266,7 @@ def _loader_factory(prep: PreparedReference, cfg: RunConfig, split: MemberSplit,
         # source pickles as its spec should DataLoader workers be used.
         ds = PairedCellDataset(prep.source, plan, normalization=prep.normalization, batch_size=batch_size,
                                io_batch_cells=cfg.data.sampling.io_batch_cells, prefetch=cfg.data.sampling.prefetch,
-                               drop_last=False)
+                               drop_last=False, totals=prep.totals)
         return _StageData(ds, plan)
 
     return make
