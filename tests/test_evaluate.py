@@ -7,6 +7,15 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    adjusted_rand_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    f1_score,
+    matthews_corrcoef,
+    normalized_mutual_info_score,
+)
 
 from scpermut_dist.commands.main import main
 from scpermut_dist.config import RunConfig
@@ -41,7 +50,8 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
         args += ["--set", s]
     assert _cli(*args) == 0
     report = json.loads((out / "metrics.json").read_text())
-    methods = {"scpermut", "logreg_celltypist", "knn_pca"}
+    preds = pd.read_csv(out / "predictions.csv")
+    methods = {"scpermut", "logreg_celltypist", "knn_pca", "celltypist"}
     assert set(report["methods"]) == methods
     assert len(report["folds"]) == 3
     for fold in report["folds"]:
@@ -49,8 +59,18 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
         assert len(fold["ref_batches"]) == 2 and fold["n_query"] == 120 and fold["n_ref"] == 240
         for name in methods:
             m = fold["methods"][name]
-            for key in ("balanced_accuracy", "accuracy", "macro_f1", "mcc", "cohen_kappa", "ari", "nmi"):
-                assert 0.0 <= m[key] <= 1.0 or key in ("mcc", "cohen_kappa", "ari")
+            fold_preds = preds.query(f"fold == {fold['fold']}")
+            t, p = fold_preds["true"].astype(str), fold_preds[name].astype(str)
+            # every metric is sklearn's on the predictions written out, each in its own range
+            for key, fn in (("balanced_accuracy", balanced_accuracy_score), ("accuracy", accuracy_score),
+                            ("mcc", matthews_corrcoef), ("cohen_kappa", cohen_kappa_score),
+                            ("ari", adjusted_rand_score), ("nmi", normalized_mutual_info_score)):
+                assert m[key] == pytest.approx(fn(t, p)), key
+            assert m["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
+            for key in ("balanced_accuracy", "accuracy", "macro_f1", "nmi"):
+                assert 0.0 <= m[key] <= 1.0, key
+            assert -1.0 <= m["mcc"] <= 1.0 and -1.0 <= m["cohen_kappa"] <= 1.0 and -0.5 <= m["ari"] <= 1.0
+            assert m["seconds"] > 0
             assert set(m["per_class_f1"]) >= set(pd.read_csv(out / "predictions.csv").query(
                 f"fold == {fold['fold']}")["true"])
             assert m["size_bins"]
@@ -63,7 +83,7 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
         assert {"balanced_accuracy", "accuracy", "macro_f1", "per_class_f1"} <= set(mean)
         folds_ba = [f["methods"][name]["balanced_accuracy"] for f in report["folds"]]
         assert mean["balanced_accuracy"] == pytest.approx(np.mean(folds_ba))
-    assert report["summary"]["best_baseline"] in ("logreg_celltypist", "knn_pca")
+    assert report["summary"]["best_baseline"] in ("logreg_celltypist", "knn_pca", "celltypist")
     preds = pd.read_csv(out / "predictions.csv")
     assert len(preds) == 360 and set(preds.columns) >= {"cell", "fold", "batch", "true", *methods}
     assert report["dataset"]["config"]["train"]["max_epochs"] == 2
@@ -169,6 +189,10 @@ def test_obs_filter_selects_cellbench_singlets(datasets_dir, tmp_path):
     (["--set", "loss.nonsense=1"], "unknown config key"),
     (["--seeds", "1,x"], "integers separated by commas"),
     (["--seeds", "1", "--methods", "knn_pca"], "scPermut among --methods"),
+    (["--semi-supervised", "1.5", "--methods", "knn"], "between 0 and 1"),
+    (["--semi-supervised", "0.5", "--holdout-type", "B cells"], "its own protocol"),
+    (["--semi-supervised", "0.5", "--mask-seeds", "a", "--methods", "knn"], "--mask-seeds"),
+    (["--holdout-type", "Martians", "--methods", "knn"], "not a type of 'cell_type'"),
 ])
 def test_clear_errors_and_no_output(kang_small, tmp_path, capsys, argv, message):
     a = ad.read_h5ad(kang_small)
@@ -203,3 +227,225 @@ def test_plots_write_pngs_and_fall_back_to_pca_for_tiny_latents(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     cm = plots._row_normalised(["a", "a", "b"], ["a", "b", "b"], ["a", "b"], ["a", "b"])
     assert np.allclose(cm, [[0.5, 0.5], [0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def cellbench_3cl(datasets_dir, tmp_path_factory):
+    """CellBench 3 cell lines x 2 platforms, singlets, as a real h5ad."""
+    a = ad.read_h5ad(datasets_dir / "cellbench_3cl_2platforms.h5ad")
+    a = a[a.obs["demuxlet_cls"] == "SNG"].copy()
+    path = tmp_path_factory.mktemp("cb3") / "cb3.h5ad"
+    a.write_h5ad(path)
+    return a, path
+
+
+def test_celltypist_is_a_baseline_with_time_to_result_and_quiet_output(cellbench_3cl, tmp_path, capsys):
+    from pathlib import Path
+
+    home_ct = Path.home() / ".celltypist"
+    existed = home_ct.exists()
+    a, path = cellbench_3cl
+    out = tmp_path / "ct"
+    assert _cli("--h5ad", str(path), "--label-key", "cell_line", "--batch-key", "batch", "--out", str(out),
+                "--methods", "logreg,celltypist", "--quiet", "--no-umap") == 0
+    printed = capsys.readouterr()
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["methods"] == ["logreg_celltypist", "celltypist"]  # the alias resolves to the canonical name
+    assert len(report["folds"]) == a.obs["batch"].nunique() == 2
+    for fold in report["folds"]:
+        m = fold["methods"]["celltypist"]
+        assert m["balanced_accuracy"] > 0.9 and m["seconds"] > 0  # cell lines: easy for a linear model
+    mean_s = report["summary"]["celltypist"]["seconds"]
+    assert mean_s == pytest.approx(np.mean([f["methods"]["celltypist"]["seconds"] for f in report["folds"]]))
+    assert "s/fold" in printed.out and "time to result" in printed.out and "celltypist" in printed.out
+    assert "🏋" not in printed.out + printed.err and "Training data" not in printed.out + printed.err
+    assert home_ct.exists() == existed  # its model stays in memory, nothing in the home folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]
+
+
+def test_celltypist_baseline_matches_the_package_run_by_hand(cellbench_3cl):
+    """Same labels as celltypist.train + annotate on 1e4-normalised log1p data, run directly."""
+    import scanpy as sc
+
+    from scpermut_dist.evaluation.celltypist_baseline import (
+        _import_celltypist,
+        _sklearn_compat,
+        celltypist_baseline,
+    )
+
+    a, _ = cellbench_3cl
+    b0 = min(a.obs["batch"].astype(str).unique())
+    ref, query = a[a.obs["batch"] != b0].copy(), a[a.obs["batch"] == b0].copy()
+    res = celltypist_baseline(ref, ref.obs["cell_line"].to_numpy(), query)
+    ct = _import_celltypist()
+    r2, q2 = ref.copy(), query.copy()
+    for x in (r2, q2):
+        sc.pp.normalize_total(x, target_sum=1e4)
+        sc.pp.log1p(x)
+    with _sklearn_compat(ct):
+        model = ct.train(r2, labels=r2.obs["cell_line"].astype(str).to_numpy(), n_jobs=1)
+    direct = ct.annotate(q2, model=model).predicted_labels["predicted_labels"].astype(str).to_numpy()
+    assert (res.labels == direct).mean() >= 0.99
+    assert set(model.classifier.classes_) == set(ref.obs["cell_line"].astype(str))
+    assert model.classifier.coef_.shape[0] == len(model.classifier.classes_)  # one-vs-rest: a row per class
+    assert res.confidence.shape == (query.n_obs,) and ((res.confidence > 0) & (res.confidence < 1)).all()
+
+
+def test_label_mask_is_stratified_seeded_and_hides_only_labelled_cells():
+    from scpermut_dist.evaluation.semisupervised import hide_labels
+
+    labels = np.array(["a"] * 50 + ["b"] * 10 + ["c"] * 2 + [None] * 8, dtype=object)
+    batches = np.array(["x", "y"] * 35)
+    h = hide_labels(labels, batches, 0.7, seed=1)
+    assert np.array_equal(h, hide_labels(labels, batches, 0.7, seed=1))
+    assert not np.array_equal(h, hide_labels(labels, batches, 0.7, seed=2))
+    assert not h[labels == None].any()  # unlabelled cells are never "hidden"
+    for b in ("x", "y"):
+        for t, n in (("a", 25), ("b", 5)):
+            g = (batches == b) & (labels == t)
+            assert g.sum() == n and h[g].sum() == min(round(0.7 * n), n - 1)  # each type keeps labels per batch
+    assert 0.6 < h[labels != None].mean() < 0.75
+
+
+def test_semi_supervised_never_lets_a_hidden_label_reach_training(cellbench_3cl, tmp_path, monkeypatch):
+    from scpermut_dist import api
+    from scpermut_dist.evaluation import semisupervised as semi
+
+    a, _ = cellbench_3cl
+    handed = []
+    real_fit = api.fit
+
+    def spy_fit(adata, label_key, *args, **kwargs):  # the real fit, recording the AnnData it receives
+        handed.append((adata.obs.copy(), kwargs.get("unlabeled_value")))
+        return real_fit(adata, label_key, *args, **kwargs)
+
+    monkeypatch.setattr(api, "fit", spy_fit)
+    seen = []
+
+    def probe(ref, query, fold):  # what a baseline receives
+        seen.append((set(ref.obs_names), set(query.obs_names), set(query.obs.columns)))
+        return evaluate.MethodOutput(np.full(query.n_obs, "A549", dtype=object))
+
+    cfg = RunConfig.from_yaml(None, TINY + ["train.num_threads=1"])
+    methods = {"scpermut": semi.scpermut_semisupervised_method(cfg), "probe": probe,
+               **{k: v for k, v in evaluate.baseline_methods().items() if k in ("logreg_celltypist", "celltypist")}}
+    report = semi.run_semisupervised(a, "cell_line", "batch", tmp_path / "semi", methods=methods, fraction=0.7,
+                                     mask_seeds=[5], progress=False, plots_umap=False)
+    fold = report["folds"][0]
+    hidden = semi.hide_labels(a.obs["cell_line"].to_numpy(dtype=object), a.obs["batch"], 0.7, 5)
+    names = a.obs_names.to_numpy()
+    assert fold["mask_seed"] == 5 and fold["n_hidden"] == hidden.sum() and fold["n_query"] == hidden.sum()
+    assert abs(fold["hidden_fraction"] - 0.7) < 0.02
+    # scPermut: every cell, hidden ones marked unlabelled in their own batch, the others with their label
+    (obs, unlabeled), = handed
+    assert unlabeled == semi.HIDDEN and len(obs) == a.n_obs
+    lab = obs["cell_line"].astype(str)
+    assert set(lab[lab == semi.HIDDEN].index) == set(names[hidden])
+    assert (lab[names[~hidden]].to_numpy() == a.obs["cell_line"].astype(str).to_numpy()[~hidden]).all()
+    assert (obs["batch"].astype(str)[names].to_numpy() == a.obs["batch"].astype(str).to_numpy()).all()
+    info = fold["methods"]["scpermut"]["info"]["training_data"]
+    assert info["n_labelled"] == (~hidden).sum() and semi.HIDDEN not in info["class_counts"]
+    # baselines: trained on the labelled cells only, the hidden cells arrive without a label column
+    (ref_names, query_names, query_cols), = seen
+    assert ref_names == set(names[~hidden]) and query_names == set(names[hidden]) and "cell_line" not in query_cols
+    for n in ("scpermut", "logreg_celltypist", "celltypist"):
+        m = fold["methods"][n]
+        assert m["n_cells"] == hidden.sum() and set(m["per_class"]) == set(a.obs["cell_line"].astype(str))
+        assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0 and m["seconds"] > 0
+    assert fold["methods"]["logreg_celltypist"]["balanced_accuracy"] > 0.9
+    assert "semi-supervised" in report["protocol"] and report["dataset"]["mask_seeds"] == [5]
+
+
+def test_semi_supervised_cli_one_split_per_mask_seed(cellbench_3cl, tmp_path, capsys):
+    _, path = cellbench_3cl
+    out = tmp_path / "s"
+    assert _cli("--h5ad", str(path), "--label-key", "cell_line", "--batch-key", "batch", "--out", str(out),
+                "--methods", "logreg", "--semi-supervised", "0.7", "--mask-seeds", "0,1", "--quiet") == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [f["mask_seed"] for f in report["folds"]] == [0, 1]
+    assert report["dataset"]["semi_supervised"] == 0.7
+    preds = pd.read_csv(out / "predictions.csv")
+    a = set(preds.query("fold == 0")["cell"])
+    assert a != set(preds.query("fold == 1")["cell"])  # different masks
+    assert "hidden_seed0" in capsys.readouterr().out
+
+
+def test_rare_types_have_per_class_precision_recall_f1_per_fold_and_pooled(kang_small, tmp_path, capsys):
+    a = ad.read_h5ad(kang_small)
+    out = tmp_path / "rare"
+    assert _cli("--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out", str(out),
+                "--methods", "logreg,knn", "--quiet") == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    counts = a.obs["cell_type"].astype(str).value_counts()
+    rarest = sorted(counts.index, key=lambda c: (counts[c], c))[:3]
+    assert list(report["rare_types"]) == rarest
+    preds = pd.read_csv(out / "predictions.csv")
+    for name in ("logreg_celltypist", "knn_pca"):
+        for fold in report["folds"]:
+            m = fold["methods"][name]
+            assert list(m["rare_types"]) == list(fold["rare_types"]) and len(fold["rare_types"]) >= 3
+            for t, r in m["rare_types"].items():
+                assert r == m["per_class"].get(t, r) and r["support"] == (
+                    preds.query(f"fold == {fold['fold']}")["true"] == t).sum()
+        pooled = report["pooled"][name]["rare_types"]
+        for t in rarest:
+            hit = (preds["true"] == t) & (preds[name] == t)
+            assert pooled[t]["support"] == counts[t]
+            assert pooled[t]["recall"] == pytest.approx(hit.sum() / counts[t])
+            assert pooled[t]["precision"] == pytest.approx(hit.sum() / max((preds[name] == t).sum(), 1))
+    assert "rare types, pooled" in printed and rarest[0][:16] in printed
+
+
+def test_metrics_rare_types_takes_the_rarest_and_all_below_the_threshold():
+    from scpermut_dist.evaluation import metrics
+
+    freq = {"a": 0.5, "b": 0.3, "c": 0.15, "d": 0.04, "e": 0.005, "f": 0.005}
+    assert metrics.rare_types(freq) == ["e", "f", "d"]
+    assert metrics.rare_types(freq, n=1, below=0.05) == ["e", "f", "d"]
+    assert metrics.rare_types(freq, n=2, below=0.001) == ["e", "f"]
+    d = metrics.unknown_detection([1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.85, 0.2], [True, False, False, True, False])
+    assert d["auroc"] == pytest.approx(5 / 6) and d["fraction_novel_unknown"] == 0.5
+    assert d["fraction_known_unknown"] == pytest.approx(1 / 3)
+    assert metrics.unknown_detection([0, 0], [0.1, 0.2])["auroc"] is None
+
+
+def test_holdout_type_reports_auroc_and_unknown_fraction(kang_small, tmp_path, capsys):
+    a = ad.read_h5ad(kang_small)
+    out = tmp_path / "ho"
+    args = ["--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out", str(out),
+            "--methods", "scpermut,logreg,celltypist", "--holdout-type", "B cells", "--quiet", "--no-umap"]
+    for s in TINY:
+        args += ["--set", s]
+    assert _cli(*args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert "'B cells' removed from every reference" in report["protocol"]
+    printed = capsys.readouterr().out
+    assert "held-out type 'B cells'" in printed and "ece_after=" in printed
+    preds = pd.read_csv(out / "predictions.csv")
+    for fold in report["folds"]:
+        q = preds.query(f"fold == {fold['fold']}")
+        n_b = int((q["true"] == "B cells").sum())
+        assert fold["n_ref"] == int(((a.obs["batch"] != fold["query_batch"]) & (a.obs["cell_type"] != "B cells")).sum())
+        assert "B cells" not in fold["methods"]["scpermut"]["info"]["training_data"]["class_counts"]
+        for name in ("scpermut", "logreg_celltypist", "celltypist"):
+            m = fold["methods"][name]
+            assert m["n_cells"] == len(q) - n_b  # scored on the types the reference knows
+            assert "B cells" not in set(q[name])
+            h = m["holdout"]
+            assert h["n_novel"] == n_b and 0.0 <= h["auroc"] <= 1.0
+            from sklearn.metrics import roc_auc_score
+
+            assert h["auroc"] == pytest.approx(roc_auc_score(q["true"] == "B cells", q[f"{name}_unknown_score"]))
+        assert fold["methods"]["scpermut"]["holdout"]["score"] in ("1-confidence", "unknown_score")
+        assert 0.0 <= fold["methods"]["scpermut"]["holdout"]["fraction_novel_unknown"] <= 1.0
+        assert 0.0 <= fold["methods"]["celltypist"]["holdout"]["fraction_novel_unknown"] <= 1.0
+        assert fold["methods"]["logreg_celltypist"]["holdout"]["fraction_novel_unknown"] is None  # no unknown rule
+    summary = report["holdout"]["scpermut"]
+    assert summary["auroc"] == pytest.approx(np.mean([f["methods"]["scpermut"]["holdout"]["auroc"]
+                                                      for f in report["folds"]]))
+    # ECE before/after calibration, read from each fold's trained reference (metrics["calibration"])
+    eces = [f["methods"]["scpermut"]["info"]["calibration"] for f in report["folds"]]
+    for k in ("ece_before", "ece_after"):
+        assert report["calibration"]["scpermut"][k] == pytest.approx(np.mean([e[k] for e in eces]))
+    assert "celltypist" not in report["calibration"]

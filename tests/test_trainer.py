@@ -26,7 +26,7 @@ def prepared(datasets_dir):
     labelled = np.flatnonzero(prep.label_codes >= 0)
     val, train_lab = labelled[::5], np.setdiff1d(labelled, labelled[::5])
     train_all = np.setdiff1d(prep.cells, val)
-    x_val = torch.from_numpy(prep.normalization.apply_dense(prep.source.read_counts(val)))
+    x_val = torch.from_numpy(prep.normalization.apply_dense(prep.source.read_counts(val), prep.totals[val]))
     validation = ValidationSet(x_val, torch.from_numpy(prep.label_codes[val]))
     return prep, cfg, train_all, train_lab, validation
 
@@ -67,7 +67,7 @@ def test_pairs_as_delivered_to_the_trainer_are_same_class_never_self_and_unlabel
     t.fit()
     batches = recorders[0].batches
     assert batches and sum(len(b) for b in batches) >= len(train_all)
-    norm = prep.normalization.apply_dense(prep.source.read_counts(np.arange(prep.source.n_cells)))
+    norm = prep.normalization.apply_dense(prep.source.read_counts(np.arange(prep.source.n_cells)), prep.totals)
     rows = {}
     for i, r in enumerate(norm):
         rows.setdefault(r.tobytes(), []).append(i)
@@ -156,7 +156,8 @@ def test_trainer_state_is_exposed_for_checkpointing(prepared):
     assert [s["position"]["stage_index"] for s in states] == [0, 1, 2]
     assert all(s["position"]["epoch"] == 1 for s in states)
     assert states[1]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(9.9e-4)
-    assert states[0]["loader"] is None or "epoch" in states[0]["loader"]
+    for s in states:  # the real loader's position, saved at an epoch boundary: the next epoch from its start
+        assert s["loader"]["epoch"] == s["position"]["epoch"] and s["loader"]["step"] == 0, s["loader"]
 
 
 def test_resuming_from_an_epoch_boundary_state_reproduces_the_uninterrupted_run(prepared):

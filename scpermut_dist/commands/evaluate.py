@@ -1,15 +1,22 @@
-"""`scpermut evaluate`: leave-one-batch-out label transfer of scPermut against two baselines."""
+"""`scpermut evaluate`: label transfer of scPermut against three baselines (logreg, kNN, CellTypist).
+
+Protocols: leave-one-batch-out (default; with --holdout-type, one type removed from every reference),
+or --semi-supervised FRACTION (the partly annotated atlas).
+"""
 from __future__ import annotations
 
 import argparse
 
-METHOD_NAMES = ("scpermut", "logreg_celltypist", "knn_pca")
+METHOD_NAMES = ("scpermut", "logreg_celltypist", "knn_pca", "celltypist")
+ALIASES = {"logreg": "logreg_celltypist", "knn": "knn_pca"}
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="leave-one-batch-out benchmark of scPermut vs baselines on an h5ad",
-        description="For each batch: train on the other batches, map the held-out batch, score against its labels. "
+        "evaluate", help="leave-one-batch-out (or semi-supervised) benchmark of scPermut vs baselines on an h5ad",
+        description="For each batch: train on the other batches, map the held-out batch, score against its labels "
+                    "(or, with --semi-supervised, hide labels and score the hidden cells). Prints mean scores and "
+                    "time to result per method, per split, and the rare types' precision/recall/F1. "
                     "Writes OUT/metrics.json, OUT/predictions.csv and PNG plots.")
     p.add_argument("--h5ad", required=True, help="AnnData file with raw counts in X (or --layer)")
     p.add_argument("--label-key", required=True, help="obs column with the cell types")
@@ -29,6 +36,15 @@ def add_parser(subparsers) -> None:
                    help="the authors' transductive protocol: scPermut also trains on each fold's query cells, "
                         "unlabelled and as their own batch (the DANN warm-up aligns them); genes still come from "
                         "the reference and query labels are never read. Baselines are unchanged")
+    p.add_argument("--semi-supervised", type=float, metavar="FRACTION",
+                   help="the authors' partly-annotated-atlas protocol instead of LOBO: hide FRACTION (e.g. 0.7) of "
+                        "the labels at random, stratified by batch and type; scPermut trains on all cells with "
+                        "those unlabelled, baselines on the labelled cells only; the hidden cells are scored")
+    p.add_argument("--mask-seeds", default="0",
+                   help="with --semi-supervised: comma-separated seeds of the label masks, one split each (default 0)")
+    p.add_argument("--holdout-type", metavar="TYPE",
+                   help="LOBO with TYPE removed from every fold's reference: reports the AUROC of each method's "
+                        "unknown score for TYPE's query cells and the fraction of them labelled unknown")
     p.add_argument("--no-umap", action="store_true", help="skip the latent UMAP plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
@@ -86,10 +102,24 @@ def run(args: argparse.Namespace) -> int:
     from scpermut_dist.errors import UsageError
     from scpermut_dist.evaluation import lobo as evaluate
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = list(dict.fromkeys(ALIASES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in names if m not in METHOD_NAMES]
     if unknown or not names:
-        raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHOD_NAMES)}")
+        raise UsageError(f"--methods: unknown {unknown or 'empty list'}; choose from {','.join(METHOD_NAMES)} "
+                         f"(aliases: {', '.join(f'{a}={b}' for a, b in ALIASES.items())})")
+    semi = args.semi_supervised
+    if semi is not None:
+        if not 0.0 < semi < 1.0:
+            raise UsageError(f"--semi-supervised {semi}: give the fraction of labels to hide, between 0 and 1 "
+                             "(e.g. 0.7)")
+        if args.query_in_training or args.holdout_type:
+            raise UsageError("--semi-supervised is its own protocol; leave out --query-in-training/--holdout-type")
+    try:
+        mask_seeds = parse_seeds(args.mask_seeds) if semi is not None else None
+    except UsageError:
+        raise UsageError(f"--mask-seeds {args.mask_seeds!r}: give integers separated by commas, e.g. 0,1,2") from None
+    if semi is not None and not mask_seeds:
+        raise UsageError("--mask-seeds needs at least one seed, e.g. 0 or 0,1,2")
     check_out_dir(args.out)
     seeds = parse_seeds(args.seeds)
     if seeds is not None:
@@ -104,10 +134,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_yaml(args.config, overrides=args.overrides)
         if seeds:
             cfg = cfg.apply_overrides([f"train.seed={seeds[0]}"])
-        tr = args.query_in_training
-        methods["scpermut"] = evaluate.scpermut_method(cfg, with_query=tr)
+        if semi is not None:
+            from scpermut_dist.evaluation.semisupervised import (
+                scpermut_semisupervised_method as make,
+            )
+        else:
+            tr = args.query_in_training
+
+            def make(c):
+                return evaluate.scpermut_method(c, with_query=tr)
+        methods["scpermut"] = make(cfg)
         for s in (seeds or [])[1:]:
-            methods[f"scpermut_seed{s}"] = evaluate.scpermut_method(cfg.apply_overrides([f"train.seed={s}"]), tr)
+            methods[f"scpermut_seed{s}"] = make(cfg.apply_overrides([f"train.seed={s}"]))
     elif args.config or args.overrides:
         raise UsageError("--config/--set configure scPermut, which --methods leaves out")
     base = evaluate.baseline_methods()
@@ -115,9 +153,17 @@ def run(args: argparse.Namespace) -> int:
     adata = load_filtered(args.h5ad, args.obs_filter, args.layer)
     meta = {"h5ad": str(args.h5ad), "obs_filter": args.obs_filter, "layer": args.layer,
             "config": cfg.model_dump(mode="json") if cfg is not None else None, "overrides": args.overrides,
-            "seeds": seeds, "query_in_training": bool(args.query_in_training)}
-    report = evaluate.run_lobo(adata, args.label_key, args.batch_key, args.out, methods=methods,
-                               plots_umap=not args.no_umap, progress=not args.quiet, meta=meta)
+            "seeds": seeds, "query_in_training": bool(args.query_in_training), "holdout_type": args.holdout_type}
+    if semi is not None:
+        from scpermut_dist.evaluation.semisupervised import run_semisupervised
+
+        report = run_semisupervised(adata, args.label_key, args.batch_key, args.out, methods=methods, fraction=semi,
+                                    mask_seeds=mask_seeds, plots_umap=not args.no_umap, progress=not args.quiet,
+                                    meta=meta)
+    else:
+        report = evaluate.run_lobo(adata, args.label_key, args.batch_key, args.out, methods=methods,
+                                   plots_umap=not args.no_umap, progress=not args.quiet, meta=meta,
+                                   holdout_type=args.holdout_type)
     print(evaluate.format_table(report))
     print(f"report written to {args.out}")
     return 0

@@ -33,6 +33,8 @@ class BaselineResult:
     labels: np.ndarray
     latent_ref: np.ndarray | None = None
     latent_query: np.ndarray | None = None
+    confidence: np.ndarray | None = None  # max class probability per query cell (1 - it scores "unknown")
+    unknown: np.ndarray | None = None  # cells the method itself leaves unassigned, where it has such a rule
 
 
 def log_cp10k(adata: ad.AnnData, layer: str | None = None) -> sp.csr_matrix:
@@ -84,7 +86,8 @@ def logreg_celltypist(ref: ad.AnnData, ref_labels, query: ad.AnnData, *, layer: 
     y = np.asarray(ref_labels, dtype=object)[keep].astype(str)
     clf = LogisticRegression(C=1.0, max_iter=max_iter, random_state=seed)
     clf.fit(scaler(x_ref), y)
-    return BaselineResult(labels=clf.predict(scaler(x_q)).astype(str))
+    proba = clf.predict_proba(scaler(x_q))
+    return BaselineResult(labels=clf.classes_[proba.argmax(axis=1)].astype(str), confidence=proba.max(axis=1))
 
 
 def reference_hvgs(ref: ad.AnnData, x_log: sp.csr_matrix, batches, n_top: int = 2000) -> np.ndarray:
@@ -127,7 +130,9 @@ def knn_pca(ref: ad.AnnData, ref_labels, query: ad.AnnData, *, ref_batches=None,
     y = np.asarray(ref_labels, dtype=object)[keep].astype(str)
     clf = KNeighborsClassifier(n_neighbors=min(k, int(keep.sum())))
     clf.fit(z_ref[keep], y)
-    return BaselineResult(labels=clf.predict(z_q).astype(str), latent_ref=z_ref, latent_query=z_q)
+    proba = clf.predict_proba(z_q)  # neighbour vote fractions
+    return BaselineResult(labels=clf.classes_[proba.argmax(axis=1)].astype(str), latent_ref=z_ref, latent_query=z_q,
+                          confidence=proba.max(axis=1))
 
 
 BASELINES = {"logreg": logreg_celltypist, "knn_pca": knn_pca}

@@ -17,6 +17,12 @@ not add anything at our sizes). Conventions, chosen so numbers are comparable ac
   type's cells, prior = the type's batch distribution), averaged over cells. When batches hold types
   in different proportions, the global score cannot reach 1 without mixing types; this one can, so
   it measures batch removal alone (as scib's batch ASW does per label). Types in < 2 batches skip.
+- Rare types: the `RARE_N` rarest types of the reference plus every type below `RARE_BELOW` of its cells;
+  their precision, recall and F1 are sklearn's `precision_recall_fscore_support` (zero_division=0), so a
+  type never predicted gets precision 0 and a type absent from the query support 0.
+- Unknown detection (held-out type): AUROC of the method's unknown score (higher = more unknown) for the
+  held-out type's cells against all other query cells (sklearn `roc_auc_score`), and the fraction of the
+  held-out type's cells the method labels unknown (where it has such a rule).
 - Silhouette of the latent by cell type: sklearn's silhouette score in [-1, 1] (not rescaled),
   on at most 5,000 cells sampled with a fixed seed.
 """
@@ -33,6 +39,8 @@ from sklearn.metrics import (
     f1_score,
     matthews_corrcoef,
     normalized_mutual_info_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
     silhouette_score,
 )
 from sklearn.neighbors import NearestNeighbors
@@ -45,6 +53,7 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     (">=10%", 0.1, np.inf),
 )
 UNSEEN_BIN = "unseen"
+RARE_N, RARE_BELOW = 3, 0.01
 
 
 def _as_str(a) -> np.ndarray:
@@ -82,6 +91,43 @@ def _scores(t: np.ndarray, p: np.ndarray, labels: np.ndarray) -> dict:
         "nmi": float(normalized_mutual_info_score(t, p)),
         "per_class_f1": {str(c): float(f) for c, f in zip(labels, per_class)},
     }
+
+
+def per_class_report(y_true, y_pred, labels=None) -> dict[str, dict]:
+    """Precision, recall, F1 and support (true cells) per type; default types: those present in the truth."""
+    t, p = _as_str(y_true), _as_str(y_pred)
+    labels = sorted(set(t)) if labels is None else [str(x) for x in labels]
+    if not labels:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prec, rec, f1, sup = precision_recall_fscore_support(t, p, labels=labels, average=None, zero_division=0)
+    return {c: {"precision": float(a), "recall": float(b), "f1": float(f), "support": int(n)}
+            for c, a, b, f, n in zip(labels, prec, rec, f1, sup)}
+
+
+def rare_types(class_freq: dict[str, float], n: int = RARE_N, below: float = RARE_BELOW) -> list[str]:
+    """The n rarest types of the reference and all types under `below` of its cells, rarest first."""
+    ranked = sorted(class_freq, key=lambda c: (class_freq[c], c))
+    return [c for i, c in enumerate(ranked) if i < n or class_freq[c] < below]
+
+
+def unknown_detection(is_novel, score, unknown=None) -> dict:
+    """How well an unknown score separates a type absent from the reference from the known types."""
+    is_novel = np.asarray(is_novel, dtype=bool)
+    score = np.asarray(score, dtype=float)
+    both = 0 < is_novel.sum() < len(is_novel)
+    out = {"n_novel": int(is_novel.sum()), "n_known": int((~is_novel).sum()),
+           "auroc": float(roc_auc_score(is_novel, score)) if both else None,
+           "mean_score_novel": float(score[is_novel].mean()) if is_novel.any() else None,
+           "mean_score_known": float(score[~is_novel].mean()) if (~is_novel).any() else None}
+    if unknown is not None and is_novel.any():
+        unknown = np.asarray(unknown, dtype=bool)
+        out["fraction_novel_unknown"] = float(unknown[is_novel].mean())
+        out["fraction_known_unknown"] = float(unknown[~is_novel].mean()) if (~is_novel).any() else None
+    else:
+        out["fraction_novel_unknown"] = out["fraction_known_unknown"] = None
+    return out
 
 
 def size_bin_of(class_freq: dict[str, float], label: str) -> str:
