@@ -449,3 +449,28 @@ def test_holdout_type_reports_auroc_and_unknown_fraction(kang_small, tmp_path, c
     for k in ("ece_before", "ece_after"):
         assert report["calibration"]["scpermut"][k] == pytest.approx(np.mean([e[k] for e in eces]))
     assert "celltypist" not in report["calibration"]
+
+
+def test_finetune_reports_the_adapted_model_beside_the_reference_only_one(kang_small, tmp_path):
+    out = tmp_path / "ft"
+    args = ["--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out", str(out),
+            "--methods", "scpermut,knn", "--finetune", "--quiet", "--no-umap"]
+    for s in TINY:
+        args += ["--set", s]
+    assert _cli(*args) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["methods"] == ["scpermut", "scpermut_finetuned", "knn_pca"]
+    assert report["summary"]["best_baseline"] == "knn_pca"  # a variant of scPermut is never its baseline
+    for fold in report["folds"]:
+        base, tuned = fold["methods"]["scpermut"], fold["methods"]["scpermut_finetuned"]
+        ft = tuned["info"]["finetune"]
+        assert ft["n_query_cells"] == fold["n_query"] and len(ft["new_batches"]) == 1
+        assert "finetune" not in base["info"]
+        assert tuned["seconds"] > base["seconds"]  # fit + fine-tune + map vs fit + map of the same model
+        for m in (base, tuned):  # both embed reference + query: the latent metrics compare their mixing
+            assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["batch_entropy"] <= 1.0
+    preds = pd.read_csv(out / "predictions.csv")
+    assert {"scpermut", "scpermut_finetuned"} <= set(preds.columns)
+    assert _cli("--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out",
+                str(tmp_path / "x"), "--methods", "knn", "--finetune") == 2
+    assert not (tmp_path / "x").exists()

@@ -45,6 +45,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--holdout-type", metavar="TYPE",
                    help="LOBO with TYPE removed from every fold's reference: reports the AUROC of each method's "
                         "unknown score for TYPE's query cells and the fraction of them labelled unknown")
+    p.add_argument("--finetune", action="store_true",
+                   help="also report scpermut_finetuned: each fold's model adapted to its query batch as `map "
+                        "--finetune` does (query = a new DANN class, replay of reference cells, classifier frozen)")
     p.add_argument("--no-umap", action="store_true", help="skip the latent UMAP plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=run)
@@ -114,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
                              "(e.g. 0.7)")
         if args.query_in_training or args.holdout_type:
             raise UsageError("--semi-supervised is its own protocol; leave out --query-in-training/--holdout-type")
+    if args.finetune and (semi is not None or args.query_in_training):
+        raise UsageError("--finetune adapts a reference-only model to its query: leave out --semi-supervised and "
+                         "--query-in-training")
     try:
         mask_seeds = parse_seeds(args.mask_seeds) if semi is not None else None
     except UsageError:
@@ -143,9 +149,17 @@ def run(args: argparse.Namespace) -> int:
 
             def make(c):
                 return evaluate.scpermut_method(c, with_query=tr)
-        methods["scpermut"] = make(cfg)
-        for s in (seeds or [])[1:]:
-            methods[f"scpermut_seed{s}"] = make(cfg.apply_overrides([f"train.seed={s}"]))
+        runs = {"scpermut": cfg, **{f"scpermut_seed{s}": cfg.apply_overrides([f"train.seed={s}"])
+                                    for s in (seeds or [])[1:]}}
+        for name, c in runs.items():
+            if args.finetune:
+                keep: dict = {}
+                methods[name] = evaluate.scpermut_method(c, keep=keep)
+                methods[f"{name}_finetuned"] = evaluate.finetuned_method(c, keep)
+            else:
+                methods[name] = make(c)
+    elif args.finetune:
+        raise UsageError("--finetune needs scpermut in --methods")
     elif args.config or args.overrides:
         raise UsageError("--config/--set configure scPermut, which --methods leaves out")
     base = evaluate.baseline_methods()

@@ -264,11 +264,13 @@ HEADLINE = ("balanced_accuracy", "accuracy", "macro_f1")
 def _summarise(folds: list[dict], names: list[str]) -> dict:
     mean = {n: metrics.mean_over_folds([f["methods"][n] for f in folds]) for n in names}
     summary = {n: {k: mean[n][k] for k in (*HEADLINE, "seconds")} for n in names}
-    runs = [n for n in names if n == "scpermut" or n.startswith("scpermut_seed")]  # one per training seed
-    base = [n for n in names if n not in runs]
-    if len(runs) > 1:
-        summary["scpermut_seed_mean"] = {k: float(np.mean([mean[n][k] for n in runs])) for k in HEADLINE}
-        summary["scpermut_seed_std"] = {k: float(np.std([mean[n][k] for n in runs])) for k in HEADLINE}
+    runs = [n for n in names if re.fullmatch(r"scpermut(_seed\d+)?", n)]  # one per training seed
+    tuned = [n for n in names if re.fullmatch(r"scpermut(_seed\d+)?_finetuned", n)]  # --finetune variants
+    base = [n for n in names if not n.startswith("scpermut")]
+    for prefix, group in (("scpermut", runs), ("scpermut_finetuned", tuned)):
+        if len(group) > 1:
+            summary[f"{prefix}_seed_mean"] = {k: float(np.mean([mean[n][k] for n in group])) for k in HEADLINE}
+            summary[f"{prefix}_seed_std"] = {k: float(np.std([mean[n][k] for n in group])) for k in HEADLINE}
     if "scpermut" in names and base:
         best = max(base, key=lambda n: mean[n]["balanced_accuracy"])
         summary["best_baseline"] = best

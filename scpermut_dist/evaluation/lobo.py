@@ -31,7 +31,7 @@ QUERY_UNLABELED = "__query__"  # the label given to query cells when they join t
 UNKNOWN_LABEL = "unknown"
 
 
-def scpermut_method(config, with_query: bool = False, query_batch: str = "own") -> Method:
+def scpermut_method(config, with_query: bool = False, query_batch: str = "own", keep: dict | None = None) -> Method:
     """scPermut through its public API: `fit` on the reference, `Reference.map` on query and reference.
 
     with_query=True is the authors' own benchmark protocol (transductive): the query's cells also join
@@ -41,6 +41,7 @@ def scpermut_method(config, with_query: bool = False, query_batch: str = "own") 
     reference alone (LOBO); "keep": the query keeps its batch column and genes are chosen on all cells
     (the partly annotated atlas, where hidden cells are part of the atlas).
     Time to result = fit + map of the query; mapping the reference (for the latent metrics) is not counted.
+    `keep`: {fold index: (model, fit seconds)} is filled for `finetuned_method`, which adapts the same model.
     """
 
     def run(ref: ad.AnnData, query: ad.AnnData, fold: Fold) -> MethodOutput:
@@ -65,32 +66,64 @@ def scpermut_method(config, with_query: bool = False, query_batch: str = "own") 
             unlabeled = QUERY_UNLABELED
         model = fit(train_on, label_key=fold.label_key, batch_key=fold.batch_key, config=cfg, quiet=fold.quiet,
                     unlabeled_value=unlabeled)
-        res_q = model.map(query)
-        seconds = time.perf_counter() - t0
-        res_r = model.map(ref)
-        summary = getattr(model, "summary", {}) or {}
-        score = getattr(res_q, "unknown_score", None)  # issue 14's MappingResult field, where present
-        kind = "unknown_score" if score is not None else "1-confidence"
-        if score is None:
-            score = 1.0 - np.asarray(res_q.confidence, dtype=float)
-        unknown = getattr(res_q, "unknown", None)
-        # scored like the baselines: a forced choice (the argmax before abstention); abstention is reported apart
-        raw = getattr(res_q, "labels_raw", None)
-        labels = np.asarray(raw if raw is not None else res_q.labels).astype(str)
-        info = {"summary": _jsonable(summary), "query_in_training": with_query,
-                "training_data": _jsonable(model.training_data),
-                "labels_scored": "labels_raw (argmax before abstention)" if raw is not None else "labels",
-                "unknown_flag": "MappingResult.unknown" if unknown is not None else f"label == {UNKNOWN_LABEL!r}"}
-        calibration = (getattr(model, "metrics", {}) or {}).get("calibration")
-        if calibration is not None:
-            info["calibration"] = _jsonable(calibration)
-        return MethodOutput(labels, np.asarray(res_r.latent), np.asarray(res_q.latent), info=info,
-                            unknown_score=np.asarray(score, dtype=float),
-                            unknown=(np.asarray(unknown, bool) if unknown is not None
-                                     else np.asarray(res_q.labels).astype(str) == UNKNOWN_LABEL),
-                            score_kind=kind, seconds=seconds)
+        fit_seconds = time.perf_counter() - t0
+        if keep is not None:
+            keep[fold.index] = (model, fit_seconds)
+        return _scpermut_output(model, ref, query, t0, {"query_in_training": with_query})
 
     return run
+
+
+def finetuned_method(config, keep: dict) -> Method:
+    """scPermut then `map --finetune`: the query (its held-out batch, one new DANN class) adapts a copy of the
+    fold's model (from `keep`, filled by `scpermut_method`; trained here if absent). Time to result = fit +
+    fine-tune + map of the query."""
+
+    def run(ref: ad.AnnData, query: ad.AnnData, fold: Fold) -> MethodOutput:
+        from scpermut_dist.api import fit
+        from scpermut_dist.mapping.finetune import finetune_reference
+
+        if fold.index in keep:
+            model, fit_seconds = keep.pop(fold.index)
+        else:
+            t_fit = time.perf_counter()
+            model = fit(ref, label_key=fold.label_key, batch_key=fold.batch_key, config=config, quiet=fold.quiet)
+            fit_seconds = time.perf_counter() - t_fit
+        t0 = time.perf_counter()
+        outcome = finetune_reference(model, query, where=f"query {fold.query_batch}", quiet=fold.quiet)
+        out = _scpermut_output(outcome.reference, ref, query, t0,
+                               {"finetune": _jsonable(outcome.reference.summary.get("finetune", {}))})
+        out.seconds += fit_seconds
+        return out
+
+    return run
+
+
+def _scpermut_output(model, ref: ad.AnnData, query: ad.AnnData, t0: float, extra_info: dict) -> MethodOutput:
+    """Map the query (timed from `t0`) and the reference (latent metrics only) with a trained `model`."""
+    res_q = model.map(query)
+    seconds = time.perf_counter() - t0
+    res_r = model.map(ref)
+    summary = getattr(model, "summary", {}) or {}
+    score = getattr(res_q, "unknown_score", None)
+    kind = "unknown_score" if score is not None else "1-confidence"
+    if score is None:
+        score = 1.0 - np.asarray(res_q.confidence, dtype=float)
+    unknown = getattr(res_q, "unknown", None)
+    # scored like the baselines: a forced choice (the argmax before abstention); abstention is reported apart
+    raw = getattr(res_q, "labels_raw", None)
+    labels = np.asarray(raw if raw is not None else res_q.labels).astype(str)
+    info = {"summary": _jsonable(summary), **extra_info, "training_data": _jsonable(model.training_data),
+            "labels_scored": "labels_raw (argmax before abstention)" if raw is not None else "labels",
+            "unknown_flag": "MappingResult.unknown" if unknown is not None else f"label == {UNKNOWN_LABEL!r}"}
+    calibration = (getattr(model, "metrics", {}) or {}).get("calibration")
+    if calibration is not None:
+        info["calibration"] = _jsonable(calibration)
+    return MethodOutput(labels, np.asarray(res_r.latent), np.asarray(res_q.latent), info=info,
+                        unknown_score=np.asarray(score, dtype=float),
+                        unknown=(np.asarray(unknown, bool) if unknown is not None
+                                 else np.asarray(res_q.labels).astype(str) == UNKNOWN_LABEL),
+                        score_kind=kind, seconds=seconds)
 
 
 def reference_genes(ref: ad.AnnData, fold: Fold, config) -> list[str]:
