@@ -44,12 +44,9 @@ class QueryStream:
             raise DataError(f"{where}: chunk_cells and chunk_nnz must be >= 1 (got {chunk_cells}, {chunk_nnz}).")
         self.where, self.obs_filter, self._owned = where, obs_filter, tuple(owned)
         self.chunk_cells, self.chunk_nnz = int(chunk_cells), int(chunk_nnz)
-        if measurement not in experiment.ms:
-            raise DataError(f"{where}: no measurement {measurement!r}; measurements are {list(experiment.ms.keys())}.")
-        ms = experiment.ms[measurement]
-        if "X" not in ms or layer not in ms.X:
-            layers = list(ms.X.keys()) if "X" in ms else []
-            raise DataError(f"{where}: measurement {measurement!r} has no X layer {layer!r}; layers are {layers}.")
+        from loaders.sources.soma import measurement_with_layer
+
+        ms = measurement_with_layer(experiment, measurement, layer, where)
         self._obs, self._x = experiment.obs, ms.X[layer]
         self.has_obs_name = "obs_name" in self._obs.schema.names
         self.joinids, nnz = self._resolve(obs_filter)

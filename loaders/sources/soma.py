@@ -98,12 +98,7 @@ class SomaExperimentSource(SizedFromFrames):
                  layer: str = "raw", where: str = "SOMA Experiment", owned: tuple = (),
                  joinids: np.ndarray | None = None) -> None:
         self.where, self._owned = where, tuple(owned)
-        if measurement not in experiment.ms:
-            raise DataError(f"{where}: no measurement {measurement!r}; measurements are {list(experiment.ms.keys())}.")
-        ms = experiment.ms[measurement]
-        if "X" not in ms or layer not in ms.X:
-            layers = list(ms.X.keys()) if "X" in ms else []
-            raise DataError(f"{where}: measurement {measurement!r} has no X layer {layer!r}; layers are {layers}.")
+        ms = measurement_with_layer(experiment, measurement, layer, where)
         self._x = ms.X[layer]
         # Given joinids (shared, read-only), obs is never read: no per-cell strings, no per-cell copy.
         self.obs = self._read_obs(experiment.obs, selection) if joinids is None else \
@@ -175,6 +170,17 @@ class SomaExperimentSource(SizedFromFrames):
         if self.spec is None:
             raise TypeError(f"{self.where}: a source built on an open Experiment cannot be pickled; use its spec.")
         return (_open_spec, (self.spec,))
+
+
+def measurement_with_layer(experiment, measurement: str, layer: str, where: str):
+    """`experiment.ms[measurement]`, checked to hold X layer `layer` (a clear error naming what exists)."""
+    if measurement not in experiment.ms:
+        raise DataError(f"{where}: no measurement {measurement!r}; measurements are {list(experiment.ms.keys())}.")
+    ms = experiment.ms[measurement]
+    if "X" not in ms or layer not in ms.X:
+        layers = list(ms.X.keys()) if "X" in ms else []
+        raise DataError(f"{where}: measurement {measurement!r} has no X layer {layer!r}; layers are {layers}.")
+    return ms
 
 
 def _open_spec(spec):

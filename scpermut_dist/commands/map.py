@@ -111,12 +111,18 @@ def run(args: argparse.Namespace) -> int:
 
         write_report(args.report, result, ref, query_name=str(args.query))
     if not args.quiet:
-        counts = query.obs["scpermut_label"].value_counts()
-        print(f"mapped {query.n_obs} cells in {seconds:.2f} s ({query.n_obs / max(seconds, 1e-9):.0f} cells/s); "
-              f"{result.n_genes_found}/{result.n_genes_model} model genes found by {result.matched_by}")
-        print("predicted types: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-        print(f"wrote {out}")
+        _print_mapped(query, out, f"mapped {query.n_obs} cells in {seconds:.2f} s "
+                      f"({query.n_obs / max(seconds, 1e-9):.0f} cells/s); {result.n_genes_found}/"
+                      f"{result.n_genes_model} model genes found by {result.matched_by}")
     return 0
+
+
+def _print_mapped(query, out, headline: str) -> None:
+    """The summary both h5ad paths (local and --server) print: headline, predicted-type counts, output."""
+    counts = query.obs["scpermut_label"].value_counts()
+    print(headline)
+    print("predicted types: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    print(f"wrote {out}")
 
 
 def _run_store(args: argparse.Namespace) -> int:
@@ -175,9 +181,6 @@ def _run_server(args: argparse.Namespace) -> int:
     annotate_from_frame(query, frame, args.server, args.model)
     write_h5ad_atomic(query, out)
     if not args.quiet:
-        counts = query.obs["scpermut_label"].value_counts()
-        print(f"mapped {query.n_obs} cells on {args.server} ({args.model}) in {seconds:.2f} s; "
-              f"{frame.attrs.get('n_genes_found')}/{frame.attrs.get('n_genes_model')} model genes found")
-        print("predicted types: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-        print(f"wrote {out}")
+        _print_mapped(query, out, f"mapped {query.n_obs} cells on {args.server} ({args.model}) in {seconds:.2f} s; "
+                      f"{frame.attrs.get('n_genes_found')}/{frame.attrs.get('n_genes_model')} model genes found")
     return 0

@@ -33,7 +33,7 @@ from scpermut_dist.model.module import ScPermutModule
 log = logging.getLogger(__name__)
 CHUNK_CELLS = 4096  # cells densified at a time: memory stays bounded whatever the query size
 
-__all__ = ["CHUNK_CELLS", "MIN_GENE_FRACTION", "QueryPlan", "align_genes", "aligned_counts", "map_anndata",
+__all__ = ["CHUNK_CELLS", "MIN_GENE_FRACTION", "QueryPlan", "map_anndata",
            "plan_query", "prepare_query_chunk"]
 
 
@@ -129,20 +129,3 @@ def query_matrix(adata: ad.AnnData, layer: str | None, where: str):
         raise DataError(f"{where}: the count matrix {('layer ' + repr(layer)) if layer else 'X'} is all zeros; "
                         "give the raw counts (e.g. --layer counts).")
     return matrix
-
-
-def align_genes(query_var: pd.DataFrame, model_genes: pd.DataFrame, where: str = "query",
-                gene_key: str | None = None, min_gene_fraction: float = MIN_GENE_FRACTION
-                ) -> tuple[np.ndarray, str]:
-    """Query column of each model gene (-1 if absent) and the namings used. Kept for callers that index
-    columns; it takes the first of duplicated genes, so prefer `plan_query` + `prepare_query_chunk`."""
-    alignment = _align(query_var, model_genes, gene_key=gene_key, min_gene_fraction=min_gene_fraction, where=where)
-    return alignment.first_positions(), alignment.matched_by
-
-
-def aligned_counts(x, pos: np.ndarray) -> sp.csr_matrix:
-    """Query counts in model gene order; absent genes are all-zero columns."""
-    x = sp.csr_matrix(x, dtype=np.float32)
-    found = np.flatnonzero(pos >= 0)
-    sub = x[:, pos[found]].tocoo()
-    return sp.csr_matrix((sub.data, (sub.row, found[sub.col])), shape=(x.shape[0], len(pos)), dtype=np.float32)
