@@ -86,7 +86,20 @@ class ModelConfig(_Section):
     grl_lambda: float = Field(1.0, ge=0.0)
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
     input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
-    ensemble_size: int = Field(1, ge=1, le=16)  # averaged members (train.reference.train_reference)
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # genes zeroed per cell at the encoder's input in training
+    # Averaged members (train.reference.train_reference); "auto": AUTO_ENSEMBLE members for references of at most
+    # AUTO_ENSEMBLE_MAX_CELLS labelled cells, one above (see resolve_ensemble_size and docs/experiments.md).
+    ensemble_size: int | Literal["auto"] = "auto"
+
+    @field_validator("ensemble_size", mode="before")
+    @classmethod
+    def _members(cls, v: Any) -> int | str:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit() \
+                or not 1 <= int(v) <= 16:
+            raise ValueError(f"ensemble_size must be 'auto' or an integer from 1 to 16, got {v!r}")
+        return int(v)
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -96,6 +109,18 @@ class ModelConfig(_Section):
         return v
 
 
+AUTO_ENSEMBLE = 3
+AUTO_ENSEMBLE_MAX_CELLS = 50_000
+
+
+def resolve_ensemble_size(model: ModelConfig, n_labelled: int) -> int:
+    """Members to train. On small references one model's result moves with its seed by more than the gap between
+    methods, and three members cost minutes; on an atlas one member costs GPU hours and varies less."""
+    if model.ensemble_size != "auto":
+        return int(model.ensemble_size)
+    return AUTO_ENSEMBLE if n_labelled <= AUTO_ENSEMBLE_MAX_CELLS else 1
+
+
 class LossConfig(_Section):
     clas_w: float = Field(0.307, ge=0.0)
     dann_w: float = Field(0.0187, ge=0.0)
@@ -103,6 +128,7 @@ class LossConfig(_Section):
     classifier: Literal["focal", "ce"] = "focal"
     focal_gamma: float = Field(3.0, ge=0.0)
     focal_alpha: Literal["balanced", "none"] = "balanced"
+    focal_alpha_max: float | None = Field(None, gt=0.0)  # cap on a class's balanced weight (mean 1); None: unbounded
 
 
 class TrainConfig(_Section):
@@ -115,6 +141,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(430, ge=2)
     seed: int = 0
     patience: int = Field(20, ge=1)
+    early_stopping_monitor: Literal["balanced_accuracy", "balanced_nll"] = "balanced_accuracy"
     num_threads: int | None = Field(None, ge=1)
     device: str = "cpu"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU

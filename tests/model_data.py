@@ -11,7 +11,7 @@ from scpermut_dist.config import RunConfig
 CELLBENCH = "cellbench_5cl_3plates.h5ad"
 # A small network and short stages: real training, seconds per run on one core.
 TINY = ["data.n_hvg=200", "model.hidden_sizes=[64, 32]", "model.latent_dim=16", "model.classifier_hidden=16",
-        "model.dann_hidden=16", "train.batch_size=64", "train.max_epochs=2", "data.sampling.io_batch_cells=4096"]
+        "model.dann_hidden=16", "train.batch_size=64", "train.max_epochs=2", "data.sampling.io_batch_cells=4096", "model.ensemble_size=1"]
 
 
 def tiny_config(*extra: str) -> RunConfig:

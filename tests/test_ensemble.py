@@ -70,3 +70,24 @@ def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_p
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="ensemble members"):
         load_reference(tmp_path / "ck")
+
+
+def test_auto_ensemble_size_follows_the_reference_size():
+    from scpermut_dist.config import AUTO_ENSEMBLE, AUTO_ENSEMBLE_MAX_CELLS, ConfigError, RunConfig, resolve_ensemble_size
+
+    auto = RunConfig().model
+    assert auto.ensemble_size == "auto"  # the default
+    assert resolve_ensemble_size(auto, 1_500) == AUTO_ENSEMBLE > 1
+    assert resolve_ensemble_size(auto, AUTO_ENSEMBLE_MAX_CELLS) == AUTO_ENSEMBLE
+    assert resolve_ensemble_size(auto, AUTO_ENSEMBLE_MAX_CELLS + 1) == 1  # an atlas: one member
+    fixed = RunConfig().apply_overrides(["model.ensemble_size=2"]).model
+    assert resolve_ensemble_size(fixed, 10) == 2 and resolve_ensemble_size(fixed, 10**8) == 2
+    for bad in ("0", "17", "many", "true"):
+        with pytest.raises(ConfigError, match="ensemble_size must be 'auto' or an integer"):
+            RunConfig().apply_overrides([f"model.ensemble_size={bad}"])
+
+
+def test_the_default_trains_an_ensemble_on_a_small_reference(datasets_dir):
+    adata = cellbench_sng(datasets_dir)
+    ref = fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=1", "model.ensemble_size=auto"))
+    assert len(ref.members) == 3 and ref.summary["ensemble_size"] == 3

@@ -22,7 +22,7 @@ from scpermut_dist.config import RunConfig
 from scpermut_dist.evaluation import lobo as evaluate
 
 TINY = ["train.max_epochs=2", "model.hidden_sizes=[32]", "model.latent_dim=8", "data.n_hvg=200",
-        "model.classifier_hidden=16", "model.dann_hidden=16", "train.batch_size=64"]
+        "model.classifier_hidden=16", "model.dann_hidden=16", "train.batch_size=64", "model.ensemble_size=1"]
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,21 @@ def test_input_standardization_learns_reference_gene_statistics():
         ScPermutModule(5, 3, 2, input_norm="zscore")
 
 
+def test_input_dropout_masks_genes_in_training_only():
+    """input_dropout: a fraction of the encoder's input genes zeroed per cell while training, none at eval."""
+    torch.manual_seed(0)
+    m = ScPermutModule(400, 3, 2, (16,), 8, input_dropout=0.3)
+    seen = []
+    m.encoder.hidden.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
+    x = torch.rand(64, 400) + 0.5  # no zeros of its own
+    m.train().encoder(x)
+    m.eval().encoder(x)
+    assert abs(float((seen[0] == 0).float().mean()) - 0.3) < 0.02  # 25,600 genes x cells
+    assert torch.equal(seen[1], x)  # mapping sees every gene
+    assert ScPermutModule(5, 3, 2, (16,), 8).encoder.input_dropout is None  # the authors' default: off
+    assert ScPermutModule(5, 3, 2, (16,), 8, input_dropout=0.3).dims["input_dropout"] == 0.3  # travels to checkpoints
+
+
 def test_stratified_split_is_a_seeded_minority_and_keeps_singletons_in_train():
     labels = np.array([0] * 100 + [1] * 10 + [2] * 1 + [-1] * 7)
     train, val = stratified_split(labels, 0.2, seed=3)
@@ -161,3 +176,10 @@ def test_stratified_split_is_a_seeded_minority_and_keeps_singletons_in_train():
     assert not np.array_equal(val, stratified_split(labels, 0.2, seed=4)[1])
     _, capped = stratified_split(labels, 0.2, max_val=5, seed=0)
     assert len(capped) <= 5
+
+
+def test_focal_alpha_max_caps_only_the_rare_class():
+    q = np.array([0.5, 0.3, 0.199, 0.001])
+    free, capped = balanced_alpha(q).numpy(), balanced_alpha(q, max_weight=10.0).numpy()
+    assert free[3] == pytest.approx(250.0, rel=1e-5)  # 1 / (K q): unbounded for an atlas-rare type
+    assert capped[3] == pytest.approx(10.0) and np.allclose(capped[:3], free[:3])

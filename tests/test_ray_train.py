@@ -16,7 +16,7 @@ import torch
 from scpermut_dist.commands.main import main
 
 SMALL = ["model.hidden_sizes=[64, 32]", "model.latent_dim=16", "train.batch_size=128", "train.max_epochs=5",
-         "train.patience=50", "train.checkpoint_every_steps=25", "data.n_hvg=200", "train.num_threads=1"]
+         "train.patience=50", "train.checkpoint_every_steps=25", "data.n_hvg=200", "train.num_threads=1", "model.ensemble_size=1"]
 
 
 def _train(store: Path, out: Path, workers: int, *extra: str) -> int:

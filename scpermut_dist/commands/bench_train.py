@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     counts = parse_seeds(args.workers) or [1]
     out = Path(args.out).absolute()
-    sets = ["train.max_epochs=1", *([f"train.cells_per_epoch={args.cells_per_epoch}"] if args.cells_per_epoch else []),
+    sets = ["train.max_epochs=1", "model.ensemble_size=1", *([f"train.cells_per_epoch={args.cells_per_epoch}"] if args.cells_per_epoch else []),
             *([f"data.obs_value_filter={args.obs_filter}"] if args.obs_filter else []), *args.overrides]
     cfg = config_with_data_keys(RunConfig().apply_overrides(sets), args.label_key, args.batch_key, None, None)
 

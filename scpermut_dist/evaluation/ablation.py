@@ -46,9 +46,9 @@ COMPARISONS = {  # question -> the two variants it pairs (A, B)
     "dann": ("focal_dann", "focal_no_dann"),
 }
 QUICK = {"n_cells": 3000, "n_genes": 300, "seeds": [0],
-         "overrides": ["train.max_epochs=2", "data.n_hvg=200", "model.hidden_sizes=[64,32]", "model.latent_dim=16"]}
+         "overrides": ["model.ensemble_size=1", "train.max_epochs=2", "data.n_hvg=200", "model.hidden_sizes=[64,32]", "model.latent_dim=16"]}
 FULL = {"n_cells": 10000, "n_genes": 2000, "seeds": [0, 1, 2],
-        "overrides": ["data.n_hvg=1000", "train.max_epochs=30", "train.patience=8"]}
+        "overrides": ["model.ensemble_size=1", "data.n_hvg=1000", "train.max_epochs=30", "train.patience=8"]}
 
 
 RARE_FRACS = (0.001, 0.002, 0.004, 0.008)  # four planted rare types in 0.1-1 %, plus the power-law tail

@@ -29,14 +29,17 @@ class Encoder(nn.Module):
     weights, cumulative average, clipped at +-10) before the first layer, as linear annotators do: otherwise a few
     high-variance genes (e.g. an interferon response that differs between batches) dominate the first layer's
     features. The reconstruction target is unchanged (log-normalised), and the statistics travel in the weights.
+    input_dropout zeroes that fraction of input genes per cell in training (a denoising autoencoder): the latent
+    cannot lean on a few genes that a new condition or chemistry may shift.
     """
 
     def __init__(self, n_genes: int, hidden: Sequence[int], latent_dim: int, dropout: float,
-                 input_norm: str = "none") -> None:
+                 input_norm: str = "none", input_dropout: float = 0.0) -> None:
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.input_norm = nn.BatchNorm1d(n_genes, affine=False, momentum=None) if input_norm == "standardize" else None
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else None
         sizes = [n_genes, *hidden]
         self.hidden = nn.Sequential(*[_block(a, b, dropout) for a, b in zip(sizes[:-1], sizes[1:])])
         self.bottleneck = nn.Sequential(nn.Linear(sizes[-1], latent_dim), nn.BatchNorm1d(latent_dim))
@@ -44,6 +47,8 @@ class Encoder(nn.Module):
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
         if self.input_norm is not None:
             x_ng = self.input_norm(x_ng).clamp(-10.0, 10.0)
+        if self.input_dropout is not None:
+            x_ng = self.input_dropout(x_ng)
         return self.bottleneck(self.hidden(x_ng))
 
 
@@ -134,13 +139,14 @@ class ScPermutModule(nn.Module):
 
     def __init__(self, n_genes: int, n_classes: int, n_batches: int, hidden_sizes: Sequence[int] = (1151, 235),
                  latent_dim: int = 84, dropout: float = 0.27, classifier_hidden: int = 64, dann_hidden: int = 64,
-                 grl_lambda: float = 1.0, dann_objective: str = "reversal", input_norm: str = "none") -> None:
+                 grl_lambda: float = 1.0, dann_objective: str = "reversal", input_norm: str = "none",
+                 input_dropout: float = 0.0) -> None:
         super().__init__()
         self.dims = dict(n_genes=n_genes, n_classes=n_classes, n_batches=n_batches, hidden_sizes=list(hidden_sizes),
                          latent_dim=latent_dim, dropout=dropout, classifier_hidden=classifier_hidden,
                          dann_hidden=dann_hidden, grl_lambda=grl_lambda, dann_objective=dann_objective,
-                         input_norm=input_norm)
-        self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout, input_norm)
+                         input_norm=input_norm, input_dropout=input_dropout)
+        self.encoder = Encoder(n_genes, hidden_sizes, latent_dim, dropout, input_norm, input_dropout)
         self.decoder = Decoder(n_genes, hidden_sizes, latent_dim, dropout)
         self.classifier = Head(latent_dim, classifier_hidden, n_classes, dropout)
         self.dann = DannHead(latent_dim, dann_hidden, max(n_batches, 1), dropout, grl_lambda, dann_objective)
@@ -149,7 +155,7 @@ class ScPermutModule(nn.Module):
     def from_config(cls, model_cfg, n_genes: int, n_classes: int, n_batches: int) -> "ScPermutModule":
         return cls(n_genes, n_classes, n_batches, model_cfg.hidden_sizes, model_cfg.latent_dim, model_cfg.dropout,
                    model_cfg.classifier_hidden, model_cfg.dann_hidden, model_cfg.grl_lambda, model_cfg.dann_objective,
-                   model_cfg.input_norm)
+                   model_cfg.input_norm, model_cfg.input_dropout)
 
     def forward(self, x_ng: torch.Tensor, heads: Sequence[str] = ("decoder", "classifier", "dann")) -> ModuleOutput:
         z = self.encoder(x_ng)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from loaders.sharding import dist_rank_world
-from scpermut_dist.config import RunConfig
+from scpermut_dist.config import RunConfig, resolve_ensemble_size
 from scpermut_dist.mapping.reference import Reference
 from scpermut_dist.model.losses import LossWeights
 from scpermut_dist.model.module import ScPermutModule
@@ -110,7 +110,7 @@ def member_splits(prep: PreparedReference, cfg: RunConfig) -> list[MemberSplit]:
     codes_qc[prep.cells] = prep.label_codes[prep.cells]
     groups = prep.batch_codes if cfg.data.val_split == "batch" else None
     splits = []
-    for k in range(cfg.model.ensemble_size):
+    for k in range(resolve_ensemble_size(cfg.model, int((codes_qc >= 0).sum()))):
         seed = member_seed(cfg.train.seed, k)
         train_lab, val = stratified_split(codes_qc, cfg.data.val_fraction, cfg.data.val_max_cells, seed,
                                           min_per_class=cfg.data.val_min_per_class, groups=groups)
@@ -145,7 +145,8 @@ def train_members(prep: PreparedReference, splits: list[MemberSplit], cfg: RunCo
                           LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=member_cfg.train.seed,
                           validation=validation, focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device,
                           quiet=quiet, report=report, dann_lr_mult=cfg.train.dann_lr_mult,
-                          precision=cfg.train.precision)
+                          precision=cfg.train.precision, monitor=cfg.train.early_stopping_monitor,
+                          focal_alpha_max=cfg.loss.focal_alpha_max)
         if resume is not None and resume.get("trainer") is not None:
             trainer.load_state_dict(resume["trainer"])
         resume = None

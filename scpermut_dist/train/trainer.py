@@ -25,6 +25,7 @@ from scpermut_dist.model.module import ScPermutModule
 from scpermut_dist.model.schedule import Stage
 
 log = logging.getLogger(__name__)
+MONITORS = ("balanced_accuracy", "balanced_nll")  # what early stopping keeps the best of (see _early_stopping_update)
 
 
 class StageLoader(Protocol):
@@ -121,11 +122,16 @@ class Trainer:
                  weights: LossWeights, lr: float = 9.9e-4, seed: int = 0, validation: ValidationSet | None = None,
                  focal_alpha: str = "balanced", device: str | torch.device = "cpu", quiet: bool = True,
                  report: Callable[[dict], None] | None = None, dann_lr_mult: float = 1.0,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", monitor: str = "balanced_accuracy",
+                 focal_alpha_max: float | None = None) -> None:
         self.module, self.make_loader, self.weights = module, make_loader, weights
         self.lr, self.seed, self.validation, self.focal_alpha = lr, seed, validation, focal_alpha
+        self.focal_alpha_max = focal_alpha_max
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.quiet, self.report, self.dann_lr_mult = quiet, report, float(dann_lr_mult)
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
+        self.monitor = monitor
         # bf16 autocast on GPU (no loss scaling needed, unlike fp16); CPU stays fp32 (bitwise reproducible).
         self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
         self.rank, self.world_size = dist_rank_world()
@@ -226,7 +232,7 @@ class Trainer:
         freq = getattr(self._loader, "sampled_class_freq", None)
         if "clas" in stage.losses and self.weights.classifier == "focal" and self.focal_alpha == "balanced" \
                 and freq is not None:
-            alpha = balanced_alpha(freq).to(self.device)
+            alpha = balanced_alpha(freq, self.focal_alpha_max).to(self.device)
         validate = "clas" in stage.losses and self.validation is not None and len(self.validation) > 0
         validate = agree(validate)  # a rank with an empty validation shard still joins the reduction
         if stage.early_stopping and not validate:
@@ -239,7 +245,12 @@ class Trainer:
             self._pos["cells_seen"] += record["cells"]
             if validate:
                 record.update(validation_metrics(self.module, self.validation))
-                self._early_stopping_update(stage, epoch, record["val_balanced_accuracy"], record["val_balanced_nll"])
+                if self.monitor == "balanced_nll":
+                    self._early_stopping_update(stage, epoch, -record["val_balanced_nll"],
+                                                -record["val_balanced_accuracy"])
+                else:
+                    self._early_stopping_update(stage, epoch, record["val_balanced_accuracy"],
+                                                record["val_balanced_nll"])
             self._pos["epoch"] = epoch + 1
             self._epoch_acc = _empty_acc()
             self.history.append(record)
