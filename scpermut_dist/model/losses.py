@@ -26,7 +26,7 @@ def balanced_alpha(sampled_class_freq: np.ndarray, max_weight: float | None = No
     present = q > 0
     alpha = np.zeros_like(q)
     alpha[present] = 1.0 / (present.sum() * q[present])
-    if max_weight is not None and present.any():
+    if max_weight is not None:
         alpha = np.minimum(alpha, max_weight)
     return torch.as_tensor(alpha, dtype=torch.float32)
 

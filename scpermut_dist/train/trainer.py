@@ -245,12 +245,9 @@ class Trainer:
             self._pos["cells_seen"] += record["cells"]
             if validate:
                 record.update(validation_metrics(self.module, self.validation))
-                if self.monitor == "balanced_nll":
-                    self._early_stopping_update(stage, epoch, -record["val_balanced_nll"],
-                                                -record["val_balanced_accuracy"])
-                else:
-                    self._early_stopping_update(stage, epoch, record["val_balanced_accuracy"],
-                                                record["val_balanced_nll"])
+                acc, nll = record["val_balanced_accuracy"], record["val_balanced_nll"]
+                metric, tie_loss = (-nll, -acc) if self.monitor == "balanced_nll" else (acc, nll)
+                self._early_stopping_update(stage, epoch, metric, tie_loss)
             self._pos["epoch"] = epoch + 1
             self._epoch_acc = _empty_acc()
             self.history.append(record)
