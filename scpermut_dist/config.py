@@ -87,8 +87,8 @@ class ModelConfig(_Section):
     dann_objective: Literal["reversal", "confusion"] = "reversal"  # see module.DannHead
     input_norm: Literal["none", "standardize"] = "none"  # per-gene z-score before the encoder, see module.Encoder
     input_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # genes zeroed per cell at the encoder's input in training
-    # Averaged members (train.reference.train_reference); "auto": AUTO_ENSEMBLE members for references of at most
-    # AUTO_ENSEMBLE_MAX_CELLS labelled cells, one above (see resolve_ensemble_size and docs/experiments.md).
+    # Averaged members (train.reference.train_reference); "auto": by the number of labelled reference cells, from
+    # AUTO_ENSEMBLE_TIERS, one member above them (see resolve_ensemble_size and docs/experiments.md).
     ensemble_size: int | Literal["auto"] = "auto"
 
     @field_validator("ensemble_size", mode="before")
@@ -109,16 +109,19 @@ class ModelConfig(_Section):
         return v
 
 
-AUTO_ENSEMBLE = 3
-AUTO_ENSEMBLE_MAX_CELLS = 50_000
+# (at most this many labelled cells, members), smallest first; above the last tier: one member.
+AUTO_ENSEMBLE_TIERS: tuple[tuple[int, int], ...] = ((10_000, 5), (50_000, 3))
+AUTO_ENSEMBLE_MAX_CELLS = AUTO_ENSEMBLE_TIERS[-1][0]
 
 
 def resolve_ensemble_size(model: ModelConfig, n_labelled: int) -> int:
     """Members to train. On small references one model's result moves with its seed by more than the gap between
-    methods, and three members cost minutes; on an atlas one member costs GPU hours and varies less."""
+    methods, and members cost minutes (five measured best on every shared set); the tiers above 10,000 cells are a
+    cost choice: a member's cost grows with the reference, and on an atlas one member costs GPU hours and its
+    seed matters less (more steps, more validation cells)."""
     if model.ensemble_size != "auto":
         return int(model.ensemble_size)
-    return AUTO_ENSEMBLE if n_labelled <= AUTO_ENSEMBLE_MAX_CELLS else 1
+    return next((members for max_cells, members in AUTO_ENSEMBLE_TIERS if n_labelled <= max_cells), 1)
 
 
 class LossConfig(_Section):

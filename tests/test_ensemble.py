@@ -73,12 +73,15 @@ def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_p
 
 
 def test_auto_ensemble_size_follows_the_reference_size():
-    from scpermut_dist.config import AUTO_ENSEMBLE, AUTO_ENSEMBLE_MAX_CELLS, ConfigError, RunConfig, resolve_ensemble_size
+    from scpermut_dist.config import AUTO_ENSEMBLE_MAX_CELLS, AUTO_ENSEMBLE_TIERS, ConfigError, RunConfig, \
+        resolve_ensemble_size
 
     auto = RunConfig().model
     assert auto.ensemble_size == "auto"  # the default
-    assert resolve_ensemble_size(auto, 1_500) == AUTO_ENSEMBLE > 1
-    assert resolve_ensemble_size(auto, AUTO_ENSEMBLE_MAX_CELLS) == AUTO_ENSEMBLE
+    (small, n_small), (medium, n_medium) = AUTO_ENSEMBLE_TIERS
+    assert resolve_ensemble_size(auto, 1_500) == n_small == 5  # Kang, CellBench: five members
+    assert resolve_ensemble_size(auto, small) == n_small and resolve_ensemble_size(auto, small + 1) == n_medium
+    assert resolve_ensemble_size(auto, AUTO_ENSEMBLE_MAX_CELLS) == n_medium > 1
     assert resolve_ensemble_size(auto, AUTO_ENSEMBLE_MAX_CELLS + 1) == 1  # an atlas: one member
     fixed = RunConfig().apply_overrides(["model.ensemble_size=2"]).model
     assert resolve_ensemble_size(fixed, 10) == 2 and resolve_ensemble_size(fixed, 10**8) == 2
@@ -90,6 +93,7 @@ def test_auto_ensemble_size_follows_the_reference_size():
 def test_the_default_trains_an_ensemble_on_a_small_reference(datasets_dir):
     adata = cellbench_sng(datasets_dir)
     ref = fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=1", "model.ensemble_size=auto"))
-    from scpermut_dist.config import AUTO_ENSEMBLE
+    from scpermut_dist.config import resolve_ensemble_size
 
-    assert AUTO_ENSEMBLE > 1 and len(ref.members) == AUTO_ENSEMBLE and ref.summary["ensemble_size"] == AUTO_ENSEMBLE
+    expected = resolve_ensemble_size(ref.config.model, adata.n_obs)
+    assert expected == 5 and len(ref.members) == expected and ref.summary["ensemble_size"] == expected
