@@ -68,13 +68,36 @@ def test_a_run_of_one_comparison_reports_only_that_comparison():
         ablation.run_ablation("unused", quick=True, only="nonsense")
 
 
+def test_the_alpha_cap_comparison_caps_only_its_capped_variant(capsys):
+    assert ablation.variant_overrides("alpha_cap", 3.0) == {"focal_dann": [],
+                                                            "focal_capped_dann": ["loss.focal_alpha_max=3.0"]}
+    assert "focal_capped_dann" not in ablation.variant_overrides(None)
+    base = {"query_silhouette_label": 0.1, "query_batch_entropy": 0.8, "query_batch_entropy_within_type": 0.7}
+    runs = [{"variant": "focal_dann", "seed": s, "rare_f1_mean": f, "bin_0.1-1%_f1": f, "balanced_accuracy": 0.8, **base}
+            for s, f in ((0, 0.3), (1, 0.5))]
+    runs += [{"variant": "focal_capped_dann", "seed": s, "rare_f1_mean": f, "bin_0.1-1%_f1": f,
+              "balanced_accuracy": 0.7, **base} for s, f in ((0, 0.4), (1, 0.2))]
+    c = ablation.compare(runs)
+    assert set(c) == {"uncapped_vs_capped_rare_f1", "uncapped_vs_capped_bin_0.1-1%_f1",
+                      "uncapped_vs_capped_balanced_accuracy"}
+    assert c["uncapped_vs_capped_rare_f1"]["delta_per_seed"] == pytest.approx([-0.1, 0.3])
+    assert c["uncapped_vs_capped_balanced_accuracy"]["delta_mean"] == pytest.approx(0.1)
+    table = ablation.format_table({"comparisons": c, "seeds": [0, 1], "dataset": {
+        "rare_types": ["r"], "query_cells_per_rare_type": {"r": 3}}})
+    assert "capped" in table and "CE" not in table
+    assert main(["bench", "ablation", "--out", "unused", "--alpha-cap", "3"]) == 2  # the cap needs --only alpha_cap
+    assert "--only alpha_cap" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--out", "unused", "--only", "alpha_cap", "--alpha-cap", "0"]) == 2
+    assert "must be > 0" in capsys.readouterr().err
+
+
 def test_quick_ablation_writes_its_json(tmp_path, capsys):
     out = tmp_path / "abl"
     assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",
                  "--batch-strength", "1.5"]) == 0
     report = json.loads((out / "ablation.json").read_text())
     assert set(report) >= {"dataset", "variants", "seeds", "runs", "comparisons"}
-    assert {r["variant"] for r in report["runs"]} == set(ablation.VARIANTS)
+    assert {r["variant"] for r in report["runs"]} == {"focal_dann", "ce_dann", "focal_no_dann"}  # no cap unless asked
     for r in report["runs"]:
         assert {"balanced_accuracy", "macro_f1", "per_class_f1", "rare_f1_mean", "bin_0.1-1%_f1", "size_bin_f1",
                 "query_batch_entropy", "query_batch_entropy_within_type", "query_silhouette_label", "seconds",

@@ -7,7 +7,8 @@ import argparse
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "ablation", help="focal vs CE (rare-type F1) and DANN vs none (batch entropy) on generated data",
-        description="Trains three scPermut variants (focal+DANN, CE+DANN, focal without DANN) on the same "
+        description="Trains three scPermut variants (focal+DANN, CE+DANN, focal without DANN; with --only "
+                    "alpha_cap: focal+DANN with its class weights unbounded vs capped) on the same "
                     "generated, imbalanced, batch-affected data with the same seeds; scores a held-out query "
                     "split; prints a table and writes OUT/ablation.json.")
     p.add_argument("--out", required=True, help="folder for ablation.json")
@@ -21,9 +22,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-strength", type=float, default=None, metavar="S",
                    help="scale of the generated assay/dataset/donor effects (default 2: batches that "
                         "permutation alone does not remove; 1 = the generator's own, mild effects)")
-    p.add_argument("--only", choices=["focal", "dann"],
-                   help="run just the two variants of one comparison (focal: focal vs CE; dann: DANN vs none), "
-                        "e.g. to add seeds to it")
+    p.add_argument("--only", choices=["focal", "dann", "alpha_cap"],
+                   help="run just the two variants of one comparison (focal: focal vs CE; dann: DANN vs none; "
+                        "alpha_cap: the balanced focal alpha unbounded vs capped at --alpha-cap; only run when "
+                        "named), e.g. to add seeds to it")
+    p.add_argument("--alpha-cap", type=float, default=None, metavar="A",
+                   help="with --only alpha_cap: the cap on a class's focal alpha (mean 1) of the capped variant "
+                        "(default 10)")
     p.add_argument("--config", help="base scPermut config (YAML) shared by all variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every variant, e.g. --set train.max_epochs=10 (repeatable)")
@@ -51,14 +56,19 @@ def run(args: argparse.Namespace) -> int:
     strength = ablation.BATCH_STRENGTH if args.batch_strength is None else args.batch_strength
     if not strength > 0:
         raise UsageError(f"--batch-strength {strength}: must be > 0")
-    tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"}
+    cap = ablation.ALPHA_CAP if args.alpha_cap is None else args.alpha_cap
+    if not cap > 0:
+        raise UsageError(f"--alpha-cap {cap}: must be > 0 (the mean class weight is 1)")
+    if args.alpha_cap is not None and args.only != "alpha_cap":
+        raise UsageError("--alpha-cap sets the capped variant of --only alpha_cap; add --only alpha_cap")
+    tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w", "loss.focal_alpha_max"}
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
     if clash:
         raise UsageError(f"--set {clash}: these keys are what the ablation varies; leave them to the variants")
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
                                    progress=not args.quiet, rare_subtype_markers=markers,
-                                   batch_strength=strength, only=args.only)
+                                   batch_strength=strength, only=args.only, alpha_cap=cap)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0

@@ -3,7 +3,9 @@
 (a) focal loss (gamma=3, balanced alpha) vs plain cross-entropy (`loss.classifier=ce`,
     `loss.focal_alpha=none`): F1 of the rare cell types on a held-out query split;
 (b) the DANN adversary (default `loss.dann_w`) vs none (`loss.dann_w=0`): batch-mixing entropy of
-    the query split's latent (and type silhouette, to see what mixing costs).
+    the query split's latent (and type silhouette, to see what mixing costs);
+(c) the balanced focal alpha unbounded (the default: n / (K n_c), ~42 for a 0.1 % type of 24) vs capped
+    (`loss.focal_alpha_max`, ALPHA_CAP): does bounding an atlas-rare type's weight cost its F1?
 
 Honesty: one generated data set (fixed data seed), one stratified reference/query split, the same
 training seeds and the same config for every variant except the one key under test. The query
@@ -40,11 +42,15 @@ VARIANTS = {  # name -> config overrides on top of the shared base
     "focal_dann": [],
     "ce_dann": ["loss.classifier=ce", "loss.focal_alpha=none"],
     "focal_no_dann": ["loss.dann_w=0"],
+    "focal_capped_dann": [],  # + loss.focal_alpha_max=<alpha_cap>, set by run_ablation
 }
 COMPARISONS = {  # question -> the two variants it pairs (A, B)
     "focal": ("focal_dann", "ce_dann"),
     "dann": ("focal_dann", "focal_no_dann"),
+    "alpha_cap": ("focal_dann", "focal_capped_dann"),
 }
+DEFAULT_RUN = ("focal", "dann")  # the comparisons a run without `only` makes
+ALPHA_CAP = 10.0  # a 0.1 % type of 24 gets 10 instead of ~42; types above ~0.4 % keep their balanced weight
 QUICK = {"n_cells": 3000, "n_genes": 300, "seeds": [0],
          "overrides": ["model.ensemble_size=1", "train.max_epochs=2", "data.n_hvg=200", "model.hidden_sizes=[64,32]", "model.latent_dim=16"]}
 FULL = {"n_cells": 10000, "n_genes": 2000, "seeds": [0, 1, 2],
@@ -131,18 +137,28 @@ def compare(runs: list[dict]) -> dict:
                  ("dann_vs_no_dann_batch_entropy_within_type", "query_batch_entropy_within_type"),
                  ("dann_vs_no_dann_silhouette", "query_silhouette_label"),
                  ("dann_vs_no_dann_balanced_accuracy", "balanced_accuracy")],
+        "alpha_cap": [("uncapped_vs_capped_rare_f1", "rare_f1_mean"),
+                      ("uncapped_vs_capped_bin_0.1-1%_f1", "bin_0.1-1%_f1"),
+                      ("uncapped_vs_capped_balanced_accuracy", "balanced_accuracy")],
     }
     return {name: paired(*COMPARISONS[question], key)
             for question, rows in metrics_of.items() if set(COMPARISONS[question]) <= present
             for name, key in rows}
 
 
+def variant_overrides(only: str | None, alpha_cap: float = ALPHA_CAP) -> dict[str, list[str]]:
+    """The variants a run trains (those of `only`, or of DEFAULT_RUN) and each one's own config overrides."""
+    wanted = {v for q in (DEFAULT_RUN if only is None else (only,)) for v in COMPARISONS[q]}
+    return {v: extra + ([f"loss.focal_alpha_max={alpha_cap}"] if v == "focal_capped_dann" else [])
+            for v, extra in VARIANTS.items() if v in wanted}
+
+
 def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] | None = None,
                  n_cells: int | None = None, n_genes: int | None = None, overrides: list[str] | None = None,
                  config_path: str | None = None, progress: bool = True,
                  rare_subtype_markers: float | None = RARE_SUBTYPE_MARKERS, batch_strength: float = BATCH_STRENGTH,
-                 only: str | None = None) -> dict:
-    """Run every variant (or the two of the comparison `only` names) for every seed; write ablation.json
+                 only: str | None = None, alpha_cap: float = ALPHA_CAP) -> dict:
+    """Run the variants of DEFAULT_RUN (or the two of the comparison `only` names) for every seed; write ablation.json
     atomically into `out_dir` and return the report."""
     from tqdm.auto import tqdm
 
@@ -154,7 +170,7 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     base = list(preset["overrides"]) + list(overrides or [])
     if only is not None and only not in COMPARISONS:
         raise ValueError(f"only={only!r}: choose one of {sorted(COMPARISONS)}")
-    variants = {v: extra for v, extra in VARIANTS.items() if only is None or v in COMPARISONS[only]}
+    variants = variant_overrides(only, alpha_cap)
     configs = {v: RunConfig.from_yaml(config_path, overrides=base + extra) for v, extra in variants.items()}
 
     adata = make_dataset(n_cells, n_genes, seed=0, rare_subtype_markers=rare_subtype_markers,
@@ -213,7 +229,10 @@ def format_table(report: dict) -> str:
             ("query batch entropy", "dann_vs_no_dann_batch_entropy", "DANN", "no DANN"),
             ("  within types", "dann_vs_no_dann_batch_entropy_within_type", "DANN", "no DANN"),
             ("query silhouette (type)", "dann_vs_no_dann_silhouette", "DANN", "no DANN"),
-            ("balanced accuracy", "dann_vs_no_dann_balanced_accuracy", "DANN", "no DANN")]
+            ("balanced accuracy", "dann_vs_no_dann_balanced_accuracy", "DANN", "no DANN"),
+            ("rare-type F1 (mean)", "uncapped_vs_capped_rare_f1", "alpha", "capped"),
+            ("0.1-1% bin F1 (mean)", "uncapped_vs_capped_bin_0.1-1%_f1", "alpha", "capped"),
+            ("balanced accuracy", "uncapped_vs_capped_balanced_accuracy", "alpha", "capped")]
     lines.append(f"{'metric':<26}{'A':>9}{'value A':>18}{'B':>9}{'value B':>18}{'A-B':>9}")
     for title, key, a, b in rows:
         if key not in c:
@@ -225,4 +244,4 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_ablation", "make_dataset", "split_query", "compare", "format_table", "VARIANTS", "COMPARISONS"]
+__all__ = ["run_ablation", "make_dataset", "split_query", "compare", "format_table", "variant_overrides", "VARIANTS", "COMPARISONS", "ALPHA_CAP"]

@@ -3,8 +3,9 @@
 - `logreg`: CellTypist's recipe. Each data set is normalised on its own full transcriptome
   (total counts to 1e4, log1p), genes are restricted to those shared by reference and query, scaled
   with the REFERENCE's per-gene mean/std and clipped to +-10, then a multinomial logistic regression
-  (L2, C=1, lbfgs) is fitted on the reference. Same as `celltypist.train(..., use_SGD=False)`
-  without feature selection.
+  (L2, C=1, lbfgs) is fitted on the reference. `celltypist.train(..., use_SGD=False)` differs in one
+  point: it fits one-vs-rest (`multi_class='ovr'`), which is its whole edge on Kang (0.920 vs 0.913 LOBO,
+  docs/scripts/linear_ceilings.py); the real package is the `celltypist` method of `scpermut evaluate`.
 - `knn_pca`: the usual "project onto the reference PCA" transfer. Batch-aware HVGs on the
   reference's log-CP10k (scanpy 'seurat' flavour), genes scaled with the reference's mean/std
   (clip 10), PCA fitted on the reference, the query projected, 15-NN majority vote.
