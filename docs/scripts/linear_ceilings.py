@@ -1,6 +1,6 @@
 """Linear models on the genes, leave one batch out: what CellTypist's edge is made of, and how far the labels go.
 
-Reproduces the linear rows of docs/experiments.md ("How far Kang can go"): the CellTypist recipe fitted
+Reproduces the linear rows of docs/experiments.md ("Ceilings: how far the Kang labels go"): the CellTypist recipe fitted
 multinomial (this project's `logreg` baseline) and one-vs-rest (what `celltypist.train` fits), class-balanced
 fits over C, per-batch per-gene scaling, and an oracle that also trains on 3/4 of the query batch's own labels.
 
