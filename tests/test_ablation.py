@@ -69,9 +69,15 @@ def test_a_run_of_one_comparison_reports_only_that_comparison():
 
 
 def test_the_alpha_cap_comparison_caps_only_its_capped_variant(capsys):
-    assert ablation.variant_overrides("alpha_cap", 3.0) == {"focal_dann": [],
+    assert ablation.variant_overrides("alpha_cap", 3.0) == {"focal_dann": ["loss.focal_alpha_max=null"],
                                                             "focal_capped_dann": ["loss.focal_alpha_max=3.0"]}
+    assert ablation.variant_overrides(None)["focal_dann"] == []
     assert "focal_capped_dann" not in ablation.variant_overrides(None)
+    from scpermut_dist.config import RunConfig
+    capped_config = RunConfig().apply_overrides(["loss.focal_alpha_max=2"])  # as if from --config
+    arms = {v: capped_config.apply_overrides(o).loss.focal_alpha_max
+            for v, o in ablation.variant_overrides("alpha_cap", 3.0).items()}
+    assert arms == {"focal_dann": None, "focal_capped_dann": 3.0}
     base = {"query_silhouette_label": 0.1, "query_batch_entropy": 0.8, "query_batch_entropy_within_type": 0.7}
     runs = [{"variant": "focal_dann", "seed": s, "rare_f1_mean": f, "bin_0.1-1%_f1": f, "balanced_accuracy": 0.8, **base}
             for s, f in ((0, 0.3), (1, 0.5))]

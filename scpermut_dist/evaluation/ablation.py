@@ -149,8 +149,10 @@ def compare(runs: list[dict]) -> dict:
 def variant_overrides(only: str | None, alpha_cap: float = ALPHA_CAP) -> dict[str, list[str]]:
     """The variants a run trains (those of `only`, or of DEFAULT_RUN) and each one's own config overrides."""
     wanted = {v for q in (DEFAULT_RUN if only is None else (only,)) for v in COMPARISONS[q]}
-    return {v: extra + ([f"loss.focal_alpha_max={alpha_cap}"] if v == "focal_capped_dann" else [])
-            for v, extra in VARIANTS.items() if v in wanted}
+    cap = {"focal_capped_dann": [f"loss.focal_alpha_max={alpha_cap}"]}
+    if only == "alpha_cap":  # the unbounded arm stays unbounded whatever --config says
+        cap["focal_dann"] = ["loss.focal_alpha_max=null"]
+    return {v: extra + cap.get(v, []) for v, extra in VARIANTS.items() if v in wanted}
 
 
 def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] | None = None,
