@@ -95,6 +95,8 @@ def test_the_alpha_cap_comparison_caps_only_its_capped_variant(capsys):
     assert "--only alpha_cap" in capsys.readouterr().err
     assert main(["bench", "ablation", "--out", "unused", "--only", "alpha_cap", "--alpha-cap", "0"]) == 2
     assert "must be > 0" in capsys.readouterr().err
+    assert main(["bench", "ablation", "--out", "unused", "--only", "alpha_cap", "--set", "loss.focal_alpha_max=5"]) == 2
+    assert "ablation varies" in capsys.readouterr().err
 
 
 def test_quick_ablation_writes_its_json(tmp_path, capsys):

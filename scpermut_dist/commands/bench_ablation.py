@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha-cap {cap}: must be > 0 (the mean class weight is 1)")
     if args.alpha_cap is not None and args.only != "alpha_cap":
         raise UsageError("--alpha-cap sets the capped variant of --only alpha_cap; add --only alpha_cap")
-    tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w", "loss.focal_alpha_max"}
+    tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"} | (
+        {"loss.focal_alpha_max"} if args.only == "alpha_cap" else set())  # other runs may set a cap for all arms
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
     if clash:
         raise UsageError(f"--set {clash}: these keys are what the ablation varies; leave them to the variants")
