@@ -145,10 +145,22 @@ class TrainConfig(_Section):
     seed: int = 0
     patience: int = Field(20, ge=1)
     early_stopping_monitor: Literal["balanced_accuracy", "balanced_nll"] = "balanced_accuracy"
-    num_threads: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(None, ge=1)  # torch threads (per member process when members run in parallel)
+    # Ensemble members trained side by side in processes on a CPU (train.parallel); "auto": as many as the
+    # cores allow at num_threads each (num_threads unset: cores shared evenly); 1: in turn. GPU runs: in turn.
+    parallel_members: int | Literal["auto"] = "auto"
     device: str = "cpu"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     checkpoint_every_steps: int = Field(500, ge=1)  # Ray runs: mid-epoch checkpoint period (and at stage ends)
+
+    @field_validator("parallel_members", mode="before")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not str(v).isdigit() or int(v) < 1:
+            raise ValueError(f"parallel_members must be 'auto' or an integer >= 1, got {v!r}")
+        return int(v)
 
     @field_validator("device")
     @classmethod

@@ -33,7 +33,7 @@ def var_with_feature_columns(var: pd.DataFrame) -> pd.DataFrame:
 class AnnDataSource(SizedFromFrames):
     """Wraps an AnnData whose `X` (or `layer`) holds raw counts."""
 
-    adata: ad.AnnData
+    adata: ad.AnnData | None  # None once compacted (compact())
     selection: CellSelection = CellSelection()
     layer: str | None = None
     where: str = "AnnData"
@@ -73,6 +73,16 @@ class AnnDataSource(SizedFromFrames):
 
     def chunk_ids(self) -> np.ndarray:
         return self.obs["soma_joinid"].to_numpy() // CHUNK_ROWS
+
+    def compact(self) -> "AnnDataSource":
+        """The same source holding only its selected cells x genes and no AnnData: what to hand to another
+        process (a full-gene matrix would be pickled otherwise; a reopened file re-reads every gene)."""
+        out = object.__new__(AnnDataSource)
+        out.__dict__.update(self.__dict__)
+        out.adata = None
+        out._x = self.read_counts(np.arange(len(self._rows)))
+        out._rows, out._genes = np.arange(len(self._rows)), np.arange(len(self._genes))
+        return out
 
     def close(self) -> None:
         pass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("loader", "ablation", "train", "map", "serve")
+BENCHMARKS = ("loader", "ablation", "train", "map", "serve", "members")
 
 
 def add_parser(subparsers) -> None:

@@ -57,6 +57,17 @@ class MemberSplit:
 
 
 @dataclass
+class TrainedMember:
+    """One finished member: its index, weights, history, validation scores and training seconds."""
+
+    index: int
+    state_dict: dict
+    history: list[dict]
+    metrics: dict
+    seconds: float
+
+
+@dataclass
 class RunProgress:
     """Where an ensemble run stands: finished members (weights, metrics) and time spent (resumable)."""
 
@@ -74,6 +85,16 @@ class RunProgress:
     def from_state(cls, state: dict) -> "RunProgress":
         return cls(**state)
 
+    def add(self, member: TrainedMember) -> None:
+        """Record the next member as finished (members are recorded in order)."""
+        if member.index != len(self.finished):
+            raise ValueError(f"member {member.index} recorded after {len(self.finished)} finished members")
+        self.finished.append(member.state_dict)
+        self.member_metrics.append(member.metrics)
+        self.history += member.history
+        self.train_seconds += member.seconds
+        self.member = member.index + 1
+
 
 class RunHooks(Protocol):
     """What a launcher plugs into training: periodic checkpoints and metric reports (see train.ray_worker)."""
@@ -87,14 +108,21 @@ class RunHooks(Protocol):
 
 def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir: str | Path | None = None,
                     quiet: bool = True, report: Callable[[dict], None] | None = None) -> Reference:
-    """In-process training: prepare the reference, split, train every member's stages, (optionally) save."""
+    """In-process training: prepare the reference, split, train every member's stages (members side by side
+    in worker processes where the CPU has the cores: train.parallel), (optionally) save."""
+    from scpermut_dist.train.parallel import member_processes, train_members_in_parallel
+
     t_start = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
     try:
         splits = member_splits(prep, cfg)
-        ref = train_members(prep, splits, cfg, quiet=quiet, report=report, t_start=t_start)
+        processes, threads = member_processes(cfg.train, len(splits))
+        if processes > 1 and dist_rank_world()[1] == 1:
+            ref = train_members_in_parallel(prep, splits, cfg, processes, threads, quiet, report, t_start)
+        else:
+            ref = train_members(prep, splits, cfg, quiet=quiet, report=report, t_start=t_start)
         finalize_reference(ref, prep, splits, cfg)  # calibration, reference neighbours, unknown rule
     finally:
         prep.source.close()
@@ -134,19 +162,9 @@ def train_members(prep: PreparedReference, splits: list[MemberSplit], cfg: RunCo
     members = [_module_from_state(cfg, prep, sd) for sd in progress.finished]
     for k in range(progress.member, len(splits)):
         progress.member = k
-        split = splits[k]
-        member_cfg = cfg.apply_overrides([f"train.seed={split.seed}"])
-        validation = read_validation(prep, split.val)
         if len(splits) > 1 and not quiet:
             log.info("ensemble member %d of %d", k + 1, len(splits))
-        torch.manual_seed(member_cfg.train.seed)
-        module = ScPermutModule.from_config(cfg.model, len(prep.genes), n_classes, n_batches)
-        trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, member_cfg, split, k, plans),
-                          LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=member_cfg.train.seed,
-                          validation=validation, focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device,
-                          quiet=quiet, report=report, dann_lr_mult=cfg.train.dann_lr_mult,
-                          precision=cfg.train.precision, monitor=cfg.train.early_stopping_monitor,
-                          focal_alpha_max=cfg.loss.focal_alpha_max)
+        trainer, validation = member_trainer(prep, splits, k, cfg, quiet=quiet, report=report, plans=plans)
         if resume is not None and resume.get("trainer") is not None:
             trainer.load_state_dict(resume["trainer"])
         resume = None
@@ -155,18 +173,41 @@ def train_members(prep: PreparedReference, splits: list[MemberSplit], cfg: RunCo
             "on_step": lambda t: hooks.on_step(t, progress), "every_steps": hooks.every_steps,
             "on_epoch_end": lambda t: hooks.on_epoch_end(t, progress)}
         trainer.fit(**fit_hooks)
-        progress.train_seconds += time.perf_counter() - t0
-        tagged = [{**r, "member": k} for r in trainer.history] if len(splits) > 1 else trainer.history
-        progress.history += tagged
-        scores = validation_metrics(module, validation) if _any_validation(validation) else {}
-        progress.member_metrics.append({**scores, "n_val_cells": int(len(split.val)), "seed": split.seed})
-        module.cpu().eval()
-        members.append(module)
-        progress.finished.append({k2: v.detach().cpu() for k2, v in module.state_dict().items()})
-        progress.member = k + 1
+        progress.add(trained_member(trainer, validation, splits, k, time.perf_counter() - t0))
+        members.append(trainer.module)
         if hooks is not None:
             hooks.on_epoch_end(trainer, progress)  # a member boundary: the next one starts from scratch
     return _reference(prep, cfg, splits, members, progress, t_start)
+
+
+def member_trainer(prep: PreparedReference, splits: list[MemberSplit], k: int, cfg: RunConfig, quiet: bool = True,
+                   report: Callable[[dict], None] | None = None, plans: Callable | None = None
+                   ) -> tuple[Trainer, ValidationSet]:
+    """Member k's freshly initialised module in its `Trainer`, with its validation cells (seeded by the member
+    alone, so a member trains the same in turn or in its own process)."""
+    split = splits[k]
+    member_cfg = cfg.apply_overrides([f"train.seed={split.seed}"])
+    validation = read_validation(prep, split.val)
+    torch.manual_seed(member_cfg.train.seed)
+    module = ScPermutModule.from_config(cfg.model, len(prep.genes), len(prep.classes), len(prep.batches))
+    trainer = Trainer(module, cfg.resolved_stages(), _loader_factory(prep, member_cfg, split, k, plans),
+                      LossWeights.from_config(cfg.loss), lr=cfg.train.lr, seed=member_cfg.train.seed,
+                      validation=validation, focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device,
+                      quiet=quiet, report=report, dann_lr_mult=cfg.train.dann_lr_mult,
+                      precision=cfg.train.precision, monitor=cfg.train.early_stopping_monitor,
+                      focal_alpha_max=cfg.loss.focal_alpha_max)
+    return trainer, validation
+
+
+def trained_member(trainer: Trainer, validation: ValidationSet, splits: list[MemberSplit], k: int,
+                   seconds: float) -> TrainedMember:
+    """What a fitted member leaves: CPU weights, its history (tagged in an ensemble), its validation scores."""
+    split, module = splits[k], trainer.module
+    history = [{**r, "member": k} for r in trainer.history] if len(splits) > 1 else list(trainer.history)
+    scores = validation_metrics(module, validation) if _any_validation(validation) else {}
+    module.cpu().eval()
+    return TrainedMember(k, {key: v.detach().cpu() for key, v in module.state_dict().items()}, history,
+                         {**scores, "n_val_cells": int(len(split.val)), "seed": split.seed}, seconds)
 
 
 def _reference(prep: PreparedReference, cfg: RunConfig, splits: list[MemberSplit], members: list[ScPermutModule],
