@@ -53,7 +53,7 @@ def test_mapping_averages_the_members_probabilities_and_embeds_with_member_zero(
     raw = getattr(res, "labels_raw", None)  # the argmax before any abstention ("unknown")
     raw = res.labels if raw is None else raw
     assert np.array_equal(np.asarray(raw).astype(str), np.asarray(ens.classes)[probs.argmax(axis=1)])
-    assert (res.confidence >= 1.0 / len(ens.classes) - 1e-6).all()
+    assert res.confidence.min() < res.confidence.max()  # a per-cell value, not a saturated constant
 
 
 def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_path):
