@@ -107,7 +107,7 @@ def test_a_failing_member_fails_the_run_with_its_own_error(datasets_dir):
         train_members_in_parallel(prep, splits, cfg, processes=2, threads=1)
 
 
-def test_cli_trains_members_in_parallel_from_a_soma_store(tmp_path):
+def test_cli_trains_members_in_parallel_from_a_soma_store(tmp_path, capsys):
     """A store's reader does not cross processes: each worker opens the spec itself."""
     from loaders.synth import synthesize_census
     from scpermut_dist.commands.main import main
@@ -116,9 +116,12 @@ def test_cli_trains_members_in_parallel_from_a_soma_store(tmp_path):
     synthesize_census(str(store), 2000, 250, seed=5, n_datasets=2, mouse_cells=0, chunk_cells=1000)
     sets = [a for item in TINY for a in ("--set", item)]
     rc = main(["train", "--store", str(store), "--organism", "Homo sapiens", "--label-key", "cell_type",
-               "--batch-key", "dataset_id", "--out", str(out), "--quiet", *sets, "--set", "model.ensemble_size=2",
+               "--batch-key", "dataset_id", "--out", str(out), *sets, "--set", "model.ensemble_size=2",
                "--set", "train.parallel_members=2", "--set", "train.num_threads=1"])
     assert rc == 0
+    printed = capsys.readouterr().out  # each member's epochs, reported when it finishes, tagged with the member
+    assert "member 0 full_model epoch 2" in printed and "member 1 classifier_branch epoch 2" in printed
+    assert "2 ensemble members" in printed
     ref = load_reference(out)
     assert len(ref.members) == 2 and {r["member"] for r in ref.history} == {0, 1}
     sa, sb = (m.state_dict() for m in ref.members)

@@ -73,7 +73,9 @@ def train_members_in_parallel(prep: PreparedReference, splits: list[MemberSplit]
     done: dict[int, TrainedMember] = {}
     t0 = time.perf_counter()
     parallel = Parallel(n_jobs=processes, backend="loky", return_as="generator_unordered")
-    for member in tqdm(parallel(jobs), total=len(splits), unit="member", disable=quiet, leave=False):
+    # A member's epochs are reported when it finishes (workers have no live channel); the bar is for quiet reports.
+    bar = tqdm(parallel(jobs), total=len(splits), unit="member", disable=quiet or report is not None, leave=False)
+    for member in bar:
         done[member.index] = member
         for record in member.history if report is not None else ():
             report(record)

@@ -351,7 +351,8 @@ class Trainer:
 def format_record(r: dict) -> str:
     losses = " ".join(f"{k[5:]}={v:.4g}" for k, v in r.items() if k.startswith("loss_"))
     val = "".join(f" {k}={r[k]:.4f}" for k in ("val_balanced_accuracy", "val_accuracy") if k in r)
-    return f"{r['stage']} epoch {r['epoch']}: {r['cells_per_s']:.0f} cells/s {losses}{val}"
+    member = f"member {r['member']} " if "member" in r else ""
+    return f"{member}{r['stage']} epoch {r['epoch']}: {r['cells_per_s']:.0f} cells/s {losses}{val}"
 
 
 def _empty_acc() -> dict:
