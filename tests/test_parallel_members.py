@@ -126,3 +126,13 @@ def test_cli_trains_members_in_parallel_from_a_soma_store(tmp_path, capsys):
     assert len(ref.members) == 2 and {r["member"] for r in ref.history} == {0, 1}
     sa, sb = (m.state_dict() for m in ref.members)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if sa[k].is_floating_point())
+
+
+def test_the_core_count_honours_a_cpu_limit(monkeypatch):
+    """A container's CPU quota or LOKY_MAX_CPU_COUNT caps the cores auto shares, not the host's count."""
+    import os
+
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert member_processes(RunConfig().train, 5) == (1, None)
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "3")
+    assert member_processes(RunConfig().train, 5) == (min(3, len(os.sched_getaffinity(0))), 1)

@@ -13,7 +13,6 @@ worker group (DDP).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 from typing import Callable
@@ -37,11 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity: a container's or `taskset`'s share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    """Cores this process may use: loky's count honours CPU affinity (`taskset`, cpusets) and a container's CPU
+    quota (a Kubernetes pod limited to 2 CPUs on a 64-core node gets 2), and `LOKY_MAX_CPU_COUNT`."""
+    from joblib import cpu_count
+
+    return max(1, int(cpu_count()))
 
 
 def member_processes(train: TrainConfig, n_members: int, cores: int | None = None) -> tuple[int, int | None]:
