@@ -158,7 +158,6 @@ def train_members(prep: PreparedReference, splits: list[MemberSplit], cfg: RunCo
     """Train the members in turn with the one `Trainer` (any world size); `resume` continues a checkpoint."""
     t_start = time.perf_counter() if t_start is None else t_start
     progress = RunProgress.from_state(resume["progress"]) if resume else RunProgress()
-    n_classes, n_batches = len(prep.classes), len(prep.batches)
     members = [_module_from_state(cfg, prep, sd) for sd in progress.finished]
     for k in range(progress.member, len(splits)):
         progress.member = k
