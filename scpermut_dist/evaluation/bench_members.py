@@ -99,5 +99,6 @@ def format_summary(report: dict) -> str:
         acc = "".join(f", {k.replace('_', ' ')} {s[arm][k]:.4f}" for k in ("val_balanced_accuracy",
                       "query_balanced_accuracy") if k in s[arm])
         lines.append(f"{arm:>12}: train {s[arm]['train_s']:.1f} s, time to result {s[arm]['total_s']:.1f} s{acc}")
-    lines.append(f"side by side is {s['speedup_total']:.2f}x faster to a result ({s['speedup_train']:.2f}x in training)")
+    lines.append(f"side by side runs at {s['speedup_total']:.2f}x the speed of in turn to a result "
+                 f"({s['speedup_train']:.2f}x in training; above 1: faster)")
     return "\n".join(lines)
