@@ -136,3 +136,14 @@ def test_the_core_count_honours_a_cpu_limit(monkeypatch):
     assert member_processes(RunConfig().train, 5) == (1, None)
     monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "3")
     assert member_processes(RunConfig().train, 5) == (min(3, len(os.sched_getaffinity(0))), 1)
+
+
+def test_training_in_turn_uses_no_more_threads_than_the_cpu_limit(datasets_dir, monkeypatch):
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(cellbench_sng(datasets_dir), "cell_line", "batch", tiny_config("train.max_epochs=1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
