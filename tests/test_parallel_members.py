@@ -147,3 +147,20 @@ def test_training_in_turn_uses_no_more_threads_than_the_cpu_limit(datasets_dir, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_mapping_uses_no_more_threads_than_the_cpu_limit(datasets_dir, tmp_path, monkeypatch):
+    from scpermut_dist.commands.main import main
+
+    adata = cellbench_sng(datasets_dir)
+    fit(adata, "cell_line", "batch", tiny_config("train.max_epochs=1")).save(tmp_path / "ref")
+    adata.write_h5ad(tmp_path / "q.h5ad")
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["map", "--model", str(tmp_path / "ref"), "--query", str(tmp_path / "q.h5ad"),
+                     "--out", str(tmp_path / "m.h5ad")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

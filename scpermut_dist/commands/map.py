@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         check_quantile(args.unknown_quantile)
     if getattr(args, "server", None):
         return _run_server(args)
+    from scpermut_dist.cpu import set_torch_threads
+
+    set_torch_threads()  # torch's count capped at a container's CPU quota
     if not (Path(args.query).is_file() or args.query.lower().endswith(".h5ad")):
         return _run_store(args)
     if args.obs_filter is not None or args.organism is not None:

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from scpermut_dist.config import RunConfig, TrainConfig
+from scpermut_dist.cpu import available_cores
 from scpermut_dist.mapping.reference import Reference
 from scpermut_dist.train.preprocess import PreparedReference, open_source
 from scpermut_dist.train.reference import (
@@ -33,14 +34,6 @@ from scpermut_dist.train.reference import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    """Cores this process may use: loky's count honours CPU affinity (`taskset`, cpusets) and a container's CPU
-    quota (a Kubernetes pod limited to 2 CPUs on a 64-core node gets 2), and `LOKY_MAX_CPU_COUNT`."""
-    from joblib import cpu_count
-
-    return max(1, int(cpu_count()))
 
 
 def member_processes(train: TrainConfig, n_members: int, cores: int | None = None) -> tuple[int, int | None]:

@@ -110,11 +110,11 @@ def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir:
                     quiet: bool = True, report: Callable[[dict], None] | None = None) -> Reference:
     """In-process training: prepare the reference, split, train every member's stages (members side by side
     in worker processes where the CPU has the cores: train.parallel), (optionally) save."""
-    from scpermut_dist.train.parallel import available_cores, member_processes, train_members_in_parallel
+    from scpermut_dist.cpu import set_torch_threads
+    from scpermut_dist.train.parallel import member_processes, train_members_in_parallel
 
     t_start = time.perf_counter()
-    # torch counts the host's cores; a container's CPU quota (a pod limited to 2 CPUs) is what it may use.
-    torch.set_num_threads(cfg.train.num_threads or min(torch.get_num_threads(), available_cores()))
+    set_torch_threads(cfg.train.num_threads)  # unset: torch's count capped at a container's CPU quota
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
     try:
         splits = member_splits(prep, cfg)
