@@ -22,7 +22,8 @@ def run_benchmark(adata: ad.AnnData, label_key: str, batch_key: str, query_batch
                   out_dir: Path, repeats: int = 1, quiet: bool = False) -> dict:
     from scpermut_dist.api import fit
     from scpermut_dist.evaluation.ablation import _write_json_atomic
-    from scpermut_dist.train.parallel import available_cores, member_processes
+    from scpermut_dist.cpu import available_cores
+    from scpermut_dist.train.parallel import member_processes
 
     ref, query, truth = _split(adata, label_key, batch_key, query_batch)
     runs = []

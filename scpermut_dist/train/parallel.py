@@ -17,10 +17,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-import torch
-
 from scpermut_dist.config import RunConfig, TrainConfig
-from scpermut_dist.cpu import available_cores
+from scpermut_dist.cpu import available_cores, set_torch_threads
 from scpermut_dist.mapping.reference import Reference
 from scpermut_dist.train.preprocess import PreparedReference, open_source
 from scpermut_dist.train.reference import (
@@ -91,7 +89,7 @@ def portable_reference(prep: PreparedReference) -> PreparedReference:
 
 def _train_member(prep: PreparedReference, splits: list[MemberSplit], k: int, cfg: RunConfig,
                   threads: int) -> TrainedMember:
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     if prep.source is None:
         prep = replace(prep, source=open_source(prep.spec))
     try:
