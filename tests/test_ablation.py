@@ -85,7 +85,7 @@ def test_the_alpha_cap_comparison_caps_only_its_capped_variant(capsys):
               "balanced_accuracy": 0.7, **base} for s, f in ((0, 0.4), (1, 0.2))]
     c = ablation.compare(runs)
     assert set(c) == {"uncapped_vs_capped_rare_f1", "uncapped_vs_capped_bin_0.1-1%_f1",
-                      "uncapped_vs_capped_balanced_accuracy"}
+                      "uncapped_vs_capped_balanced_accuracy", "uncapped_vs_capped_false_rare_calls"}
     assert c["uncapped_vs_capped_rare_f1"]["delta_per_seed"] == pytest.approx([-0.1, 0.3])
     assert c["uncapped_vs_capped_balanced_accuracy"]["delta_mean"] == pytest.approx(0.1)
     table = ablation.format_table({"comparisons": c, "seeds": [0, 1], "dataset": {
@@ -126,3 +126,42 @@ def test_ablation_rejects_overriding_the_keys_under_test(tmp_path, capsys):
     assert main(["bench", "ablation", "--out", str(tmp_path / "x"), "--quick", "--batch-strength", "0"]) == 2
     assert "must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_trimming_rare_types_gives_them_atlas_scale_alphas():
+    labels = np.array(["a"] * 900 + ["b"] * 90 + ["r"] * 10)
+    q = ablation.split_query(labels, fraction=0.25, seed=0)
+    trimmed = ablation.trim_rare_types(labels, q, ["r"], keep=2, seed=0)
+    assert (~trimmed & (labels == "r")).sum() == 2  # two reference cells left
+    assert (trimmed & (labels == "r")).sum() == 8  # the rest are scored in the query
+    assert np.array_equal(trimmed[labels != "r"], q[labels != "r"])  # other types untouched
+    assert not q[labels == "r"].all()  # the input mask is not modified in place
+    from scpermut_dist.evaluation.metrics import reference_class_freq
+    from scpermut_dist.model.losses import balanced_alpha
+    freq = reference_class_freq(labels[~trimmed])
+    alpha = ablation.balanced_alpha_of(freq)
+    assert alpha["r"] > 100 > alpha["a"]
+    assert alpha["r"] == pytest.approx(float(balanced_alpha(np.array([freq[c] for c in sorted(freq)]))[-1]))
+    with pytest.raises(ValueError, match="at least one reference cell"):
+        ablation.trim_rare_types(labels, q, ["r"], keep=0)
+
+
+def test_false_rare_calls_counts_other_types_called_rare():
+    truth = np.array(["a", "a", "a", "a", "r", "r"])
+    pred = np.array(["r", "a", "a", "unknown", "r", "a"])
+    assert ablation.false_rare_calls(truth, pred, ["r"]) == pytest.approx(0.25)  # 1 of the 4 "a" cells
+    assert np.isnan(ablation.false_rare_calls(truth, pred, []))
+
+
+def test_the_atlas_rare_variant_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",
+                 "--only", "alpha_cap", "--rare-ref-cells", "2"]) == 0
+    d = json.loads((out / "ablation.json").read_text())["dataset"]
+    assert d["rare_ref_cells"] == 2 and d["alpha_max"] > 20
+    runs = json.loads((out / "ablation.json").read_text())["runs"]
+    assert all(0.0 <= r["false_rare_calls"] <= 1.0 for r in runs)
+    assert all(d["alpha_of_rare_type"][c] > 20 for c in d["rare_types"])
+    assert "2 reference cells each" in capsys.readouterr().out
+    assert main(["bench", "ablation", "--out", str(out), "--only", "alpha_cap", "--rare-ref-cells", "0"]) == 2
+    assert "at least one reference cell" in capsys.readouterr().err

@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--alpha-cap", type=float, default=None, metavar="A",
                    help="with --only alpha_cap: the cap on a class's focal alpha (mean 1) of the capped variant "
                         "(default 10)")
+    p.add_argument("--rare-ref-cells", type=int, default=None, metavar="N",
+                   help="the reference keeps only N cells of each rare type (< 1 %%), the rest join the query: "
+                        "balanced alphas in the hundreds, as an atlas gives a type of a few hundred cells "
+                        "among millions (with --only alpha_cap)")
     p.add_argument("--config", help="base scPermut config (YAML) shared by all variants")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every variant, e.g. --set train.max_epochs=10 (repeatable)")
@@ -61,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--alpha-cap {cap}: must be > 0 (the mean class weight is 1)")
     if args.alpha_cap is not None and args.only != "alpha_cap":
         raise UsageError("--alpha-cap sets the capped variant of --only alpha_cap; add --only alpha_cap")
+    if args.rare_ref_cells is not None and args.rare_ref_cells < 1:
+        raise UsageError(f"--rare-ref-cells {args.rare_ref_cells}: a rare type needs at least one reference cell")
     tested = {"loss.classifier", "loss.focal_alpha", "loss.dann_w"} | (
         {"loss.focal_alpha_max"} if args.only == "alpha_cap" else set())  # other runs may set a cap for all arms
     clash = [o for o in args.overrides if o.split("=", 1)[0].strip() in tested]
@@ -69,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     report = ablation.run_ablation(args.out, quick=args.quick, seeds=seeds, n_cells=args.n_cells,
                                    n_genes=args.n_genes, overrides=args.overrides, config_path=args.config,
                                    progress=not args.quiet, rare_subtype_markers=markers,
-                                   batch_strength=strength, only=args.only, alpha_cap=cap)
+                                   batch_strength=strength, only=args.only, alpha_cap=cap,
+                                   rare_ref_cells=args.rare_ref_cells)
     print(ablation.format_table(report))
     print(f"written {args.out}/ablation.json")
     return 0

@@ -41,9 +41,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
-    import tempfile
+
+    from scpermut_dist.json_report import write_json
 
     from loaders.bench import BenchConfig, compare
     from scpermut_dist.errors import UsageError
@@ -67,11 +67,7 @@ def run(args: argparse.Namespace) -> int:
     report = compare(cfg, sweep=sweep, rss_store=args.compare_rss, loaders=loaders)
     report["targets"] = TARGETS
     _print(report)
-    out_dir = os.path.dirname(os.path.abspath(args.json_out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(fh.name, args.json_out)
+    write_json(args.json_out, report, indent=2)
     print(f"wrote {args.json_out}")
     return 0
 

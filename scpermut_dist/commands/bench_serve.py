@@ -25,8 +25,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import contextlib
-    import json
     import os
+
+    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     from scpermut_dist.errors import UsageError
@@ -59,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if "local_reference_map_cells_per_s" in numbers:
         print(f"in-process Reference.map on the same cells: {numbers['local_reference_map_cells_per_s']:.0f} cells/s")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(numbers, indent=1))
+        write_json(args.json_out, numbers)
         print(f"wrote {args.json_out}")
     return 0

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     import torch
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                             "uss_bytes_per_cell_per_worker": max(per_rank)}
     report["projection"] = bt.projection(None, report["loader"]["cells_per_s"])
     _print(report)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "bench.json", report)
     print(f"wrote {out / 'bench.json'}")
     return 0
 

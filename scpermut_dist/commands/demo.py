@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_atlas(args: argparse.Namespace) -> int:
     """Train on Ray with `--holdout` left out, then map the held-out cells as a new user's query would be."""
-    import json
+    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     import anndata as ad
@@ -77,7 +77,7 @@ def run_atlas(args: argparse.Namespace) -> int:
                "val_balanced_accuracy": ref.metrics.get("val_balanced_accuracy")}
     query.obs["truth"] = truth
     write_h5ad_atomic(ref.annotate(query, result), out / "query_mapped.h5ad")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(out / "metrics.json", metrics)
     print(f"query ({args.holdout}: {query.n_obs} cells never seen in training): balanced accuracy "
           f"{metrics['balanced_accuracy']:.4f}, accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
     print(f"wrote {out / 'run' / 'model'}, {out / 'query_mapped.h5ad'}, {out / 'metrics.json'}")
@@ -99,7 +99,7 @@ def load_pbmc68k_counts():
 
 
 def run_pbmc68k(args: argparse.Namespace) -> int:
-    import json
+    from scpermut_dist.json_report import write_json
     import time
     from pathlib import Path
 
@@ -141,7 +141,7 @@ def run_pbmc68k(args: argparse.Namespace) -> int:
     ref.save(out / "model")
     query.obs["bulk_labels_truth"] = truth
     write_h5ad_atomic(ref.annotate(query, result), out / "query_mapped.h5ad")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(out / "metrics.json", metrics)
     print(f"trained in {train_s:.1f} s ({metrics['cells_per_s']:.0f} cells/s); validation balanced accuracy "
           f"{metrics['val_balanced_accuracy']:.4f}")
     print(f"query ({query.n_obs} held-out cells): balanced accuracy {metrics['balanced_accuracy']:.4f}, "

@@ -16,6 +16,7 @@ import torch
 from loaders.batch import PairedBatch
 from scpermut_dist.config import RunConfig
 from scpermut_dist.evaluation.bench_train import layer_shapes, roofline_cells_per_s
+from scpermut_dist.json_report import write_json
 from scpermut_dist.model.losses import LossWeights
 from scpermut_dist.model.module import ScPermutModule
 from scpermut_dist.train.trainer import Trainer
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
     print(json.dumps(out["roofline"]))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(a.json, out)
     return 0
 
 

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from scpermut_dist.json_report import write_json
+
 CHILD_FLAG = "--bench-map-child"
 
 
@@ -101,7 +103,7 @@ def run_benchmark(store: str, sizes: list[int], out_dir: Path, model: Path | Non
         if not quiet:
             print(f"peak RSS ratio {rows[-1]['n_cells']:,} / {rows[0]['n_cells']:,} cells: "
                   f"{result['peak_rss_ratio_largest_smallest']:.2f}")
-    (out_dir / "bench_map.json").write_text(json.dumps(result, indent=2))
+    write_json(out_dir / "bench_map.json", result, indent=2)
     return result
 
 

@@ -21,8 +21,8 @@ ARMS = {"in_turn": ["train.parallel_members=1"], "side_by_side": ["train.paralle
 def run_benchmark(adata: ad.AnnData, label_key: str, batch_key: str, query_batch: str | None, cfg: RunConfig,
                   out_dir: Path, repeats: int = 1, quiet: bool = False) -> dict:
     from scpermut_dist.api import fit
-    from scpermut_dist.evaluation.ablation import _write_json_atomic
     from scpermut_dist.cpu import available_cores
+    from scpermut_dist.json_report import write_json
     from scpermut_dist.train.parallel import member_processes
 
     ref, query, truth = _split(adata, label_key, batch_key, query_batch)
@@ -50,7 +50,7 @@ def run_benchmark(adata: ad.AnnData, label_key: str, batch_key: str, query_batch
                 print(format_run(run), flush=True)
     report = {"cores": available_cores(), "query_batch": query_batch, "n_reference_cells": int(ref.n_obs),
               "runs": runs, "summary": summarise(runs)}
-    _write_json_atomic(out_dir, "bench_members.json", report)
+    write_json(out_dir / "bench_members.json", report, indent=2)
     return report
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from scpermut_dist.json_report import write_json
+
 KANG = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "kang2018_pbmc_ifnb_4samples.h5ad"
 
 
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               "mixing_raised_in_every_run": bool((d_mix > 0).all())}
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     return 0
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from scpermut_dist.evaluation import metrics, plots
+from scpermut_dist.json_report import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +81,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))[:60]
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    return str(x)
-
-
 def _score(out: MethodOutput, truth: np.ndarray, ref_freq: dict, ref: ad.AnnData, query: ad.AnnData,
            fold: Fold, seconds: float, holdout_type: str | None, rare: list[str]) -> dict:
     truth_s = pd.Series(truth).astype(str).to_numpy()
@@ -137,7 +124,7 @@ def run_splits(adata: ad.AnnData, splits: list[Split], label_key: str, batch_key
         report["protocol"] = protocol
         report["dataset"] = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "label_key": label_key,
                              "batch_key": batch_key, **(meta or {})}
-        (tmp / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,13 +17,13 @@ import pandas as pd
 
 from loaders.errors import DataError
 from scpermut_dist.evaluation import baselines
+from scpermut_dist.json_report import jsonable
 from scpermut_dist.evaluation.harness import (  # noqa: F401 - re-exported for callers and tests
     HEADLINE,
     Fold,
     Method,
     MethodOutput,
     Split,
-    _jsonable,
     run_splits,
 )
 
@@ -92,7 +92,7 @@ def finetuned_method(config, keep: dict) -> Method:
         t0 = time.perf_counter()
         outcome = finetune_reference(model, query, where=f"query {fold.query_batch}", quiet=fold.quiet)
         out = _scpermut_output(outcome.reference, ref, query, t0,
-                               {"finetune": _jsonable(outcome.reference.summary.get("finetune", {}))})
+                               {"finetune": jsonable(outcome.reference.summary.get("finetune", {}))})
         out.seconds += fit_seconds
         return out
 
@@ -113,12 +113,12 @@ def _scpermut_output(model, ref: ad.AnnData, query: ad.AnnData, t0: float, extra
     # scored like the baselines: a forced choice (the argmax before abstention); abstention is reported apart
     raw = getattr(res_q, "labels_raw", None)
     labels = np.asarray(raw if raw is not None else res_q.labels).astype(str)
-    info = {"summary": _jsonable(summary), **extra_info, "training_data": _jsonable(model.training_data),
+    info = {"summary": jsonable(summary), **extra_info, "training_data": jsonable(model.training_data),
             "labels_scored": "labels_raw (argmax before abstention)" if raw is not None else "labels",
             "unknown_flag": "MappingResult.unknown" if unknown is not None else f"label == {UNKNOWN_LABEL!r}"}
     calibration = (getattr(model, "metrics", {}) or {}).get("calibration")
     if calibration is not None:
-        info["calibration"] = _jsonable(calibration)
+        info["calibration"] = jsonable(calibration)
     return MethodOutput(labels, np.asarray(res_r.latent), np.asarray(res_q.latent), info=info,
                         unknown_score=np.asarray(score, dtype=float),
                         unknown=(np.asarray(unknown, bool) if unknown is not None
