@@ -183,3 +183,17 @@ def test_focal_alpha_max_caps_only_the_rare_class():
     free, capped = balanced_alpha(q).numpy(), balanced_alpha(q, max_weight=10.0).numpy()
     assert free[3] == pytest.approx(250.0, rel=1e-5)  # 1 / (K q): unbounded for an atlas-rare type
     assert capped[3] == pytest.approx(10.0) and np.allclose(capped[:3], free[:3])
+
+
+def test_the_default_cap_bounds_only_atlas_rare_types():
+    from scpermut_dist.config import RunConfig
+
+    cap = RunConfig().loss.focal_alpha_max
+    assert cap is not None
+    shared_like = np.array([0.4, 0.3, 0.2, 0.1])  # every alpha <= 2.5, as on the shared sets
+    assert torch.equal(balanced_alpha(shared_like, cap), balanced_alpha(shared_like))  # bit for bit unchanged
+    atlas = np.array([0.6, 0.4 - 1e-6, 1e-6])  # a type at 1e-6: alpha ~333,000 unbounded
+    capped = balanced_alpha(atlas, cap)
+    assert float(capped[2]) == cap and float(balanced_alpha(atlas)[2]) > 1e5
+    assert torch.equal(capped[:2], balanced_alpha(atlas)[:2])
+    assert RunConfig().apply_overrides(["loss.focal_alpha_max=null"]).loss.focal_alpha_max is None

@@ -4,8 +4,8 @@
     `loss.focal_alpha=none`): F1 of the rare cell types on a held-out query split;
 (b) the DANN adversary (default `loss.dann_w`) vs none (`loss.dann_w=0`): batch-mixing entropy of
     the query split's latent (and type silhouette, to see what mixing costs);
-(c) the balanced focal alpha unbounded (the default: n / (K n_c), ~42 for a 0.1 % type of 24) vs capped
-    (`loss.focal_alpha_max`, ALPHA_CAP): does bounding an atlas-rare type's weight cost its F1? With
+(c) the balanced focal alpha unbounded (n / (K n_c), ~42 for a 0.1 % type of 24; the default caps it at 50) vs
+    capped (`loss.focal_alpha_max`, ALPHA_CAP): does bounding an atlas-rare type's weight cost its F1? With
     `rare_ref_cells` the reference keeps only that many cells of each rare type (the rest join the query), so
     alpha reaches the hundreds an atlas gives a type of a few hundred cells among millions, at a size that trains
     in minutes.
