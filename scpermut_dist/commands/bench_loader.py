@@ -43,10 +43,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from scpermut_dist.json_report import write_json
-
     from loaders.bench import BenchConfig, compare
     from scpermut_dist.errors import UsageError
+    from scpermut_dist.json_report import write_json
 
     if args.cells is not None and args.cells < args.batch_size:
         raise UsageError(f"--cells ({args.cells}) must be at least --batch-size ({args.batch_size}).")

@@ -26,11 +26,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import os
-
-    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     from scpermut_dist.errors import UsageError
+    from scpermut_dist.json_report import write_json
     from scpermut_dist.evaluation.bench_serve import check_answer, local_rate, local_server, measure, query_cells
     from scpermut_dist.mapping.output import read_h5ad
     from scpermut_dist.serve.client import ScpermutClient, h5ad_bytes

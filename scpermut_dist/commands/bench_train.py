@@ -25,7 +25,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     import torch
@@ -35,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from scpermut_dist.commands.main import parse_seeds
     from scpermut_dist.config import RunConfig
     from scpermut_dist.evaluation import bench_train as bt
+    from scpermut_dist.json_report import write_json
     from scpermut_dist.train.distributed import Scaling, prepare_run, run_on_ray
     from scpermut_dist.train.reference import config_with_data_keys
 

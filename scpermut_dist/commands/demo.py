@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_atlas(args: argparse.Namespace) -> int:
     """Train on Ray with `--holdout` left out, then map the held-out cells as a new user's query would be."""
-    from scpermut_dist.json_report import write_json
     from pathlib import Path
 
     import anndata as ad
@@ -48,6 +47,7 @@ def run_atlas(args: argparse.Namespace) -> int:
     from loaders.sources import spec_from_uri
     from scpermut_dist.commands.main import main
     from scpermut_dist.config import RunConfig
+    from scpermut_dist.json_report import write_json
     from scpermut_dist.mapping.output import write_h5ad_atomic
     from scpermut_dist.mapping.reference import load_reference
 
@@ -99,7 +99,6 @@ def load_pbmc68k_counts():
 
 
 def run_pbmc68k(args: argparse.Namespace) -> int:
-    from scpermut_dist.json_report import write_json
     import time
     from pathlib import Path
 
@@ -109,6 +108,7 @@ def run_pbmc68k(args: argparse.Namespace) -> int:
     from scpermut_dist.api import fit
     from scpermut_dist.config import RunConfig
     from scpermut_dist.errors import UsageError
+    from scpermut_dist.json_report import write_json
     from scpermut_dist.mapping.output import write_h5ad_atomic
     from scpermut_dist.train.preprocess import encode
     from scpermut_dist.train.split import stratified_split

@@ -60,6 +60,7 @@ FULL = {"n_cells": 10000, "n_genes": 2000, "seeds": [0, 1, 2],
 
 
 RARE_FRACS = (0.001, 0.002, 0.004, 0.008)  # four planted rare types in 0.1-1 %, plus the power-law tail
+RARE_SHARE = 0.01  # a type below this share of the reference is scored as rare
 RARE_SUBTYPE_MARKERS = 0.08  # 1.5 %: no classifier finds them; distinct programs: plain CE already does
 BATCH_STRENGTH = 2.0  # at 1 the permutation (partners from other batches) already removes batch: no DANN question
 
@@ -102,8 +103,11 @@ def trim_rare_types(labels: np.ndarray, is_query: np.ndarray, rare: list[str], k
 
 
 def balanced_alpha_of(freq: dict[str, float]) -> dict[str, float]:
-    """The focal alpha each type gets at these reference shares (losses.balanced_alpha: 1 / (K q_c))."""
-    return {c: 1.0 / (len(freq) * q) for c, q in freq.items() if q > 0}
+    """The focal alpha each type gets at these reference shares (the training loss's own `balanced_alpha`)."""
+    from scpermut_dist.model.losses import balanced_alpha
+
+    alpha = balanced_alpha(np.array(list(freq.values()), dtype=np.float64)).tolist()
+    return {c: a for (c, q), a in zip(freq.items(), alpha) if q > 0}
 
 
 def false_rare_calls(truth: np.ndarray, pred: np.ndarray, rare: list[str]) -> float:
@@ -211,13 +215,13 @@ def run_ablation(out_dir: str | Path, *, quick: bool = False, seeds: list[int] |
     is_q = split_query(labels, seed=0)
     if rare_ref_cells is not None:
         first = metrics.reference_class_freq(labels[~is_q])
-        is_q = trim_rare_types(labels, is_q, sorted(c for c, f in first.items() if f < 0.01), rare_ref_cells)
+        is_q = trim_rare_types(labels, is_q, sorted(c for c, f in first.items() if f < RARE_SHARE), rare_ref_cells)
     ref, query_full = adata[~is_q].copy(), adata[is_q].copy()
     truth = query_full.obs[LABEL].astype(str).to_numpy()
     query = query_full.copy()
     query.obs = query.obs.drop(columns=[LABEL])
     freq = metrics.reference_class_freq(ref.obs[LABEL].astype(str).to_numpy())
-    rare = sorted(c for c, f in freq.items() if f < 0.01 and (truth == c).any())  # scorable rare types
+    rare = sorted(c for c, f in freq.items() if f < RARE_SHARE and (truth == c).any())  # scorable rare types
     alpha = balanced_alpha_of(freq)
 
     runs = []

@@ -16,7 +16,6 @@ temp folder, then renamed into place):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from scpermut_dist.evaluation import metrics, plots
-from scpermut_dist.json_report import jsonable
+from scpermut_dist.json_report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def run_splits(adata: ad.AnnData, splits: list[Split], label_key: str, batch_key
         report["protocol"] = protocol
         report["dataset"] = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "label_key": label_key,
                              "batch_key": batch_key, **(meta or {})}
-        (tmp / "metrics.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
+        write_json(tmp / "metrics.json", report, indent=2)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

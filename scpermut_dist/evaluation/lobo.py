@@ -17,7 +17,6 @@ import pandas as pd
 
 from loaders.errors import DataError
 from scpermut_dist.evaluation import baselines
-from scpermut_dist.json_report import jsonable
 from scpermut_dist.evaluation.harness import (  # noqa: F401 - re-exported for callers and tests
     HEADLINE,
     Fold,
@@ -26,6 +25,7 @@ from scpermut_dist.evaluation.harness import (  # noqa: F401 - re-exported for c
     Split,
     run_splits,
 )
+from scpermut_dist.json_report import jsonable
 
 QUERY_UNLABELED = "__query__"  # the label given to query cells when they join training (never a real type)
 UNKNOWN_LABEL = "unknown"
