@@ -63,7 +63,7 @@ def check_run_dir(run_dir: Path) -> None:
     if run_dir.is_dir() and (run_dir / "manifest.json").exists():
         raise UsageError(f"--out {run_dir} is a model checkpoint, not a run folder; choose another path "
                          "(a Ray run writes its model to RUN_DIR/model)")
-    known = {"prepared", "ray", "metrics.jsonl", "workers", "model", ".ray_tmp"}
+    known = {"prepared", "settings.json", "ray", "metrics.jsonl", "workers", "model", ".ray_tmp"}
     if run_dir.is_dir():
         other = [p.name for p in run_dir.iterdir() if p.name not in known and not p.name.startswith(".")]
         if other:

@@ -148,6 +148,9 @@ class TrainConfig(_Section):
     seed: int = 0
     patience: int = Field(20, ge=1)
     early_stopping_monitor: Literal["balanced_accuracy", "balanced_nll"] = "balanced_accuracy"
+    # Epochs within this much of the stage's best monitored value count as level; the lowest balanced NLL among them
+    # is kept (see Trainer._early_stopping_update). 0: the first best epoch, the authors' rule.
+    early_stopping_tolerance: float = Field(0.0, ge=0.0, lt=1.0)
     num_threads: int | None = Field(None, ge=1)  # torch threads (per member process when members run in parallel)
     # Ensemble members trained side by side in processes on a CPU (train.parallel); "auto": as many as the
     # cores allow at num_threads each (num_threads unset: cores shared evenly); 1: in turn. GPU runs: in turn.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scpermut_dist.commands.main import main
@@ -99,6 +100,60 @@ def test_the_alpha_cap_comparison_caps_only_its_capped_variant(capsys):
     assert "ablation varies" in capsys.readouterr().err
 
 
+METRIC_OF = {"rare_f1": "rare_f1_mean", "bin_0.1-1%_f1": "bin_0.1-1%_f1", "balanced_accuracy": "balanced_accuracy",
+             "batch_entropy": "query_batch_entropy", "batch_entropy_within_type": "query_batch_entropy_within_type",
+             "silhouette": "query_silhouette_label", "false_rare_calls": "false_rare_calls"}
+
+
+def _check_runs_and_comparisons(report):
+    """rare_f1_mean is the mean of the rare types' F1s, each F1 is 2PR/(P+R) of its precision and recall, and
+    every comparison is its two variants' run values, paired by seed (NaN is written as null)."""
+    rare = report["dataset"]["rare_types"]
+    for r in report["runs"]:
+        f1 = r["per_class_f1"]
+        assert r["rare_f1_mean"] == pytest.approx(np.mean([f1[c] for c in rare]))
+        for c in rare:
+            p, q = r["rare_precision"][c], r["rare_recall"][c]
+            assert f1[c] == pytest.approx(2 * p * q / (p + q) if p + q else 0.0, abs=1e-12), c
+    run = {(r["variant"], r["seed"]): r for r in report["runs"]}
+    for name, c in report["comparisons"].items():
+        prefix = next(p for p in ("focal_vs_ce_", "dann_vs_no_dann_", "uncapped_vs_capped_") if name.startswith(p))
+        key = METRIC_OF[name[len(prefix):]]
+        a, b = [k for k in c if k not in ("delta_mean", "delta_per_seed", "n_seeds_a_better")]
+        va, vb = ([run[(v, s)][key] for s in report["seeds"]] for v in (a, b))
+        assert c[a]["per_seed"] == va and c[b]["per_seed"] == vb, name
+        if None in va + vb:
+            continue
+        assert c["delta_per_seed"] == pytest.approx([x - y for x, y in zip(va, vb)]), name
+        assert c["delta_mean"] == pytest.approx(np.mean(c["delta_per_seed"]))
+        assert c["n_seeds_a_better"] == sum(x > y for x, y in zip(va, vb))
+
+
+def test_a_variant_scores_rare_types_from_its_predictions(monkeypatch):
+    """run_variant's scoring on a model stub with known predictions (a --quick run predicts no rare type at
+    all, so its rare F1s are all 0 and cannot tell the formulas apart)."""
+    import types
+
+    import anndata as ad
+
+    from scpermut_dist import api
+
+    truth = np.array(["a"] * 6 + ["r1"] * 2 + ["r2"] * 2)
+    pred = np.array(["a"] * 5 + ["r1", "r1", "a", "r2", "r2"])
+    z = np.random.default_rng(0).normal(size=(10, 3))
+    stub = types.SimpleNamespace(map=lambda q: types.SimpleNamespace(labels=pred, latent=z))
+    monkeypatch.setattr(api, "fit", lambda *a, **k: stub)
+    query = ad.AnnData(obs=pd.DataFrame({ablation.BATCH: ["x", "y"] * 5}, index=[f"c{i}" for i in range(10)]))
+    r = ablation.run_variant(None, query, truth, None, ["r1", "r2"], {"a": 0.9, "r1": 0.05, "r2": 0.005}, True)
+    # r1: TP 1 (cell 6), FP 1 (cell 5), FN 1 (cell 7); r2: all right; a: 5 of 6 right, 1 false a (cell 7)
+    assert r["rare_precision"] == pytest.approx({"r1": 0.5, "r2": 1.0})
+    assert r["rare_recall"] == pytest.approx({"r1": 0.5, "r2": 1.0})
+    assert r["per_class_f1"] == pytest.approx({"a": 5 / 6, "r1": 0.5, "r2": 1.0})
+    assert r["rare_f1_mean"] == pytest.approx(0.75) and r["false_rare_calls"] == pytest.approx(1 / 6)
+    assert r["bin_0.1-1%_f1"] == pytest.approx(1.0)  # only r2 (0.5 %) is in that bin
+    assert r["balanced_accuracy"] == pytest.approx((5 / 6 + 0.5 + 1.0) / 3)
+
+
 def test_quick_ablation_writes_its_json(tmp_path, capsys):
     out = tmp_path / "abl"
     assert main(["bench", "ablation", "--out", str(out), "--quick", "--quiet", "--n-cells", "1500",
@@ -113,6 +168,7 @@ def test_quick_ablation_writes_its_json(tmp_path, capsys):
         assert all(c in r["per_class_f1"] for c in report["dataset"]["rare_types"])
     assert all(n >= 1 for n in report["dataset"]["query_cells_per_rare_type"].values())
     assert set(report["comparisons"]) >= {"focal_vs_ce_rare_f1", "dann_vs_no_dann_batch_entropy"}
+    _check_runs_and_comparisons(report)
     assert report["dataset"]["rare_types"] and report["dataset"]["batch_strength"] == 1.5 != ablation.BATCH_STRENGTH
     assert "loss.dann_w=0" in report["variants"]["focal_no_dann"]
     assert "rare-type F1" in capsys.readouterr().out
@@ -159,8 +215,12 @@ def test_the_atlas_rare_variant_runs_end_to_end(tmp_path, capsys):
                  "--only", "alpha_cap", "--rare-ref-cells", "2"]) == 0
     d = json.loads((out / "ablation.json").read_text())["dataset"]
     assert d["rare_ref_cells"] == 2 and d["alpha_max"] > 20
-    runs = json.loads((out / "ablation.json").read_text())["runs"]
+    report = json.loads((out / "ablation.json").read_text())
+    runs = report["runs"]
     assert all(0.0 <= r["false_rare_calls"] <= 1.0 for r in runs)
+    assert set(report["comparisons"]) == {"uncapped_vs_capped_rare_f1", "uncapped_vs_capped_bin_0.1-1%_f1",
+                                          "uncapped_vs_capped_balanced_accuracy", "uncapped_vs_capped_false_rare_calls"}
+    _check_runs_and_comparisons(report)
     assert all(d["alpha_of_rare_type"][c] > 20 for c in d["rare_types"])
     assert "2 reference cells each" in capsys.readouterr().out
     assert main(["bench", "ablation", "--out", str(out), "--only", "alpha_cap", "--rare-ref-cells", "0"]) == 2

@@ -113,8 +113,19 @@ def test_training_stores_calibration_neighbours_and_unknown_rule(holdout):
     assert len(cal["temperature"]) == 1 and cal["bins"] == 15 and cal["n_cells"] > 0
     assert cal["ece_after"] < cal["ece_before"] / 2  # a short-trained tiny model is far from calibrated
     unknown = manifest["metrics"]["unknown"]
-    assert unknown["quantile"] == 0.99 and unknown["distance"] > 0 and 0 < unknown["confidence"] < 1
     ref = load_reference(path)
+    # the thresholds are the stored validation values' quantiles (q for distance, 1 - q for confidence,
+    # capped at 0.9), over member 0's validation cells
+    val = ref.extras["unknown"]
+    assert unknown["quantile"] == 0.99 and unknown["n_cells"] == len(val["val_confidence"]) == cal["n_cells"]
+    assert len(val["val_distance"]) == cal["n_cells"]
+    assert unknown["distance"] == pytest.approx(float(np.quantile(val["val_distance"], 0.99)), rel=1e-6)
+    assert unknown["confidence"] == pytest.approx(min(float(np.quantile(val["val_confidence"], 0.01)), 0.9), rel=1e-6)
+    assert unknown["distance"] > 0 and 0 < unknown["confidence"] < 1
+    # flagged share: at least each test's own share, at most their sum (pairing is not stored)
+    by_conf = float((val["val_confidence"] < unknown["confidence"]).mean())
+    by_dist = float((val["val_distance"] > unknown["distance"]).mean())
+    assert max(by_conf, by_dist) <= unknown["val_flagged_fraction"] <= by_conf + by_dist
     nb = ref.extras["neighbors"]
     assert nb["latent"].dtype == np.float16 and nb["latent"].shape[1] == ref.module.dims["latent_dim"]
     assert len(nb["label"]) == len(nb["batch"]) == len(nb["cell"]) == manifest["metrics"]["neighbors"]["n_cells"]
@@ -133,7 +144,13 @@ def test_unknown_score_separates_a_held_out_type(holdout):
     truth = query.obs["cell_line"].to_numpy()
     assert (res.neighbor_label[~held] == truth[~held]).mean() > 0.9
     never = ref.map(query, unknown_confidence=0.0, unknown_quantile=0.999999)
-    assert never.unknown.sum() <= res.unknown.sum()
+    # the overrides reached the rule: no confidence test, the distance threshold at the 0.999999 quantile
+    val = ref.extras["unknown"]
+    assert never.thresholds["confidence"] == 0.0 and never.thresholds["quantile"] == 0.999999
+    assert never.thresholds["distance"] == pytest.approx(float(np.quantile(val["val_distance"], 0.999999)))
+    assert res.thresholds["quantile"] == 0.99 and res.thresholds["distance"] < never.thresholds["distance"]
+    # looser on both tests: a strict subset of the default's abstentions
+    assert not (never.unknown & ~res.unknown).any() and never.unknown.sum() < res.unknown.sum()
     assert np.array_equal(never.labels_raw, res.labels_raw)  # thresholds never change the model's argmax
 
 
@@ -196,7 +213,15 @@ def test_scpermut_map_writes_the_new_obs_columns(holdout, tmp_path, capsys):
     out2 = tmp_path / "o2.h5ad"
     assert main(["map", "--model", str(path), "--query", str(tmp_path / "q.h5ad"), "--out", str(out2), "--quiet",
                  "--unknown-quantile", "0.5"]) == 0
-    assert ad.read_h5ad(out2).obs["scpermut_unknown"].sum() >= got.obs["scpermut_unknown"].sum()
+    got2 = ad.read_h5ad(out2)
+    # the option reached the rule (uns) and, at the median of validation cells, flags strictly more
+    val = load_reference(path).extras["unknown"]
+    t2 = got2.uns["scpermut"]["unknown_thresholds"]
+    assert t2["quantile"] == 0.5 and t2["distance"] == pytest.approx(float(np.quantile(val["val_distance"], 0.5)))
+    assert t2["confidence"] == pytest.approx(min(float(np.quantile(val["val_confidence"], 0.5)), 0.9))
+    assert t2["distance"] < info["unknown_thresholds"]["distance"]
+    assert got2.obs["scpermut_unknown"].sum() > got.obs["scpermut_unknown"].sum()
+    assert not (got.obs["scpermut_unknown"].to_numpy() & ~got2.obs["scpermut_unknown"].to_numpy()).any()
     assert main(["map", "--model", str(path), "--query", str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "o3.h5ad"),
                  "--unknown-quantile", "2"]) == 2
     assert "quantile" in capsys.readouterr().err and not (tmp_path / "o3.h5ad").exists()

@@ -36,7 +36,11 @@ def test_checkpoint_round_trips_to_identical_predictions(trained, tmp_path):
     assert manifest["training_data"]["n_cells"] == adata.n_obs
     assert manifest["training_data"]["class_counts"]["A549"] == int((adata.obs["cell_line"] == "A549").sum())
     assert set(manifest["training_data"]["batch_counts"]) == set(adata.obs["batch"].unique())
-    assert "val_balanced_accuracy" in manifest["metrics"] and manifest["summary"]["cells_per_s"] > 0
+    assert manifest["summary"]["cells_per_s"] > 0
+    # the manifest holds the in-memory reference's metrics (values, not just keys)
+    assert manifest["metrics"] == json.loads(json.dumps(ref.metrics, default=ckpt_mod._json_default))
+    assert manifest["metrics"]["val_balanced_accuracy"] == pytest.approx(ref.metrics["val_balanced_accuracy"])
+    assert manifest["metrics"]["calibration"]["temperature"] == pytest.approx(ref.metrics["calibration"]["temperature"])
     genes = (tmp_path / "ck" / "genes.tsv").read_text().splitlines()
     assert genes[0] == "feature_id\tfeature_name" and genes[1].startswith("ENSG") and len(genes) == 201
 

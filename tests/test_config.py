@@ -55,6 +55,7 @@ def test_explicit_stages_override_the_scheme():
     ("data.val_fraction=0.8", "data.val_fraction"),
     ("data.val_fraction=0", "data.val_fraction"),
     ("train.scheme=scheme99", "train.scheme"),
+    ("train.early_stopping_tolerance=-0.01", "train.early_stopping_tolerance"),
     ("train.batch_size=abc", "train.batch_size"),
     ("train.stages=[{name: a, trains: [encoder, foo], losses: [rec], epochs: 1}]", "train.stages.0.trains.1"),
     ("train.stages=[{name: a, trains: [encoder], losses: [bogus], epochs: 1}]", "train.stages.0.losses.0"),

@@ -34,6 +34,25 @@ def stream(ds):
     return [b for b in ds]
 
 
+def check_partners(b, norm_rows, labels):
+    """Unlabelled anchors (and a singleton type) pair with themselves; labelled ones with the normalised
+    row of another cell of the same type (rows matched by bytes: normalisation is per row, so exact)."""
+    by_bytes = {}
+    for i, r in enumerate(norm_rows):
+        by_bytes.setdefault(r.tobytes(), []).append(i)
+    n_size = np.bincount(labels[labels >= 0])
+    n_other = 0
+    for i, anchor in enumerate(b.cell_n.tolist()):
+        row = b.x_partner_ng[i].numpy()
+        if labels[anchor] < 0 or n_size[labels[anchor]] == 1:
+            np.testing.assert_array_equal(row, norm_rows[anchor])
+            continue
+        candidates = by_bytes.get(row.tobytes(), [])
+        assert any(labels[c] == labels[anchor] and c != anchor for c in candidates), (anchor, candidates)
+        n_other += 1
+    return n_other
+
+
 def test_batches_hold_normalised_anchor_and_partner_rows():
     src, plan = source_and_plan(balance=0.5, seed=1)
     norm = Normalization(target_sum=1e4, log1p=True)
@@ -41,6 +60,7 @@ def test_batches_hold_normalised_anchor_and_partner_rows():
     batches = stream(ds)
     assert len(batches) == len(ds) > 0
     labels, bcodes, _, _ = encode_obs(src.obs)
+    all_rows = norm.apply_dense(src.read_counts(np.arange(src.n_cells)))
     for b in batches[:5]:
         a = b.cell_n.numpy()
         assert b.x_ng.dtype == torch.float32 and b.x_ng.shape == (64, src.n_genes)
@@ -51,10 +71,7 @@ def test_batches_hold_normalised_anchor_and_partner_rows():
             want = norm.apply_dense(src.read_counts(np.array([a[i]])))[0]
             np.testing.assert_allclose(b.x_ng[i].numpy(), want, rtol=1e-6)
         # each partner row is the normalised expression of a same-type cell
-        for i in range(64):
-            row = b.x_partner_ng[i].numpy()
-            if labels[a[i]] < 0:
-                np.testing.assert_array_equal(row, b.x_ng[i].numpy())
+        assert check_partners(b, all_rows, labels) > 40
 
 
 def test_one_sorted_deduplicated_read_per_io_pool():
@@ -162,8 +179,8 @@ def test_streams_a_real_soma_experiment(tmp_path):
     want = norm.apply_dense(mem.read_counts(np.sort(rows)))[np.argsort(np.argsort(rows))]
     np.testing.assert_allclose(b.x_ng.numpy(), want, rtol=1e-6)
     labels = encode_obs(src.obs)[0]
-    p_rows = b.x_partner_ng.numpy()
-    assert p_rows.shape == b.x_ng.shape and (labels[rows] >= -1).all()
+    assert b.x_partner_ng.shape == b.x_ng.shape
+    assert check_partners(b, norm.apply_dense(mem.read_counts(np.arange(mem.n_cells))), labels) > 50
     src.close()
 
 
@@ -246,8 +263,20 @@ def test_bench_loader_cli_writes_both_loaders_numbers(tmp_path):
     rep = json.loads(out.read_text())
     ours, tsml = rep["results"]["ours"], rep["results"]["tiledbsoma-ml"]
     matched = rep["results"]["tiledbsoma-ml-matched"]
-    assert ours["cells"] > 0 and tsml["cells"] == 1500 and rep["ratio_cells_per_s"] > 0
-    assert tsml["batch_size"] == 1 and matched["batch_size"] == 100 and rep["ratio_cells_per_s_matched_batch"] > 0
-    assert 0.5 < matched["batch_entropy_ratio"] < 1.5
-    assert ours["partner_same_type_frac"] == 1.0 and 0.0 <= ours["class_balance_tv"] < 0.1
-    assert 0.5 < ours["batch_entropy_ratio"] < 1.5 and ours["peak_rss_mb"] > 0
+    # one epoch with drop_last: 1500 // 100 minibatches less one per IO pool (ceil(1500 / 512) = 3 pools)
+    assert ours["cells"] == (1500 // 100 - 3) * 100 and ours["minibatches"] == 12 and tsml["cells"] == 1500
+    assert matched["cells"] == 1500 and matched["minibatches"] == 15
+    for r in (ours, tsml, matched):
+        assert r["cells_per_s"] == pytest.approx(r["cells"] / r["stream_s"])
+    # the ratios are of the loaders' own rates
+    for suffix, base in (("", tsml), ("_matched_batch", matched)):
+        assert rep["ratio_cells_per_s" + suffix] == pytest.approx(ours["cells_per_s"] / base["cells_per_s"])
+        assert rep["ratio_cells_per_cpu_s" + suffix] == pytest.approx(ours["cells_per_cpu_s"] / base["cells_per_cpu_s"])
+    assert tsml["batch_size"] == 1 and matched["batch_size"] == 100
+    # tiledbsoma-ml shuffles all 1500 cells at once: as mixed as random (README target 0.95)
+    assert 0.95 < matched["batch_entropy_ratio"] < 1.05
+    # natural frequencies: README's TV is 0.000 at 10^6 cells; 1200 of 1500 cells drawn leaves ~0.01 of noise
+    assert ours["partner_same_type_frac"] == 1.0 and 0.0 <= ours["class_balance_tv"] < 0.03
+    # README's 0.97 needs pools of many blocks; here a 512-cell pool is 4 blocks of 128 rows, ~4 of the 6
+    # dataset-sorted datasets (ln 4 / ln 6 = 0.77): well above contiguous reads (~0.2), below random (1.0)
+    assert 0.6 < ours["batch_entropy_ratio"] < 0.9 and ours["peak_rss_mb"] > 0

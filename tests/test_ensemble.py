@@ -50,9 +50,9 @@ def test_mapping_averages_the_members_probabilities_and_embeds_with_member_zero(
     assert np.allclose(res.probabilities.to_numpy().sum(axis=1), 1.0, atol=1e-5)
     probs = res.probabilities.to_numpy()  # confidence = max of the MEAN probabilities, not a mean of members' maxima
     assert np.allclose(res.confidence, probs.max(axis=1), atol=1e-6)
-    raw = getattr(res, "labels_raw", None)  # the argmax before any abstention ("unknown")
-    raw = res.labels if raw is None else raw
-    assert np.array_equal(np.asarray(raw).astype(str), np.asarray(ens.classes)[probs.argmax(axis=1)])
+    # labels_raw: the argmax of the mean probabilities, before any abstention ("unknown")
+    assert np.array_equal(res.labels_raw.astype(str), np.asarray(ens.classes)[probs.argmax(axis=1)])
+    assert np.array_equal(res.labels.astype(str), np.where(res.unknown, "unknown", res.labels_raw.astype(str)))
     assert res.confidence.min() < res.confidence.max()  # a per-cell value, not a saturated constant
 
 
@@ -70,6 +70,26 @@ def test_an_ensemble_checkpoint_round_trips_to_identical_predictions(runs, tmp_p
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="ensemble members"):
         load_reference(tmp_path / "ck")
+
+
+def test_scpermut_map_writes_an_ensembles_mapping_to_h5ad(runs, tmp_path):
+    """The CLI path a user takes with the default (an ensemble on a small reference): the per-member calibration
+    is a list of dicts in the manifest, which h5ad cannot store as such (this failed before)."""
+    import anndata as ad
+
+    from scpermut_dist.commands.main import main
+
+    adata, _, ens = runs
+    ens.save(tmp_path / "ck")
+    query = adata.copy()
+    del query.obs["cell_line"]
+    query.write_h5ad(tmp_path / "q.h5ad")
+    assert main(["map", "--model", str(tmp_path / "ck"), "--query", str(tmp_path / "q.h5ad"), "--out",
+                 str(tmp_path / "out.h5ad"), "--quiet"]) == 0
+    cal = ad.read_h5ad(tmp_path / "out.h5ad").uns["scpermut"]["calibration"]
+    members = ens.metrics["calibration"]["members"]
+    assert sorted(cal["members"]) == ["0", "1", "2"]
+    assert [cal["members"][str(i)]["temperature"] for i in range(3)] == pytest.approx([m["temperature"] for m in members])
 
 
 def test_auto_ensemble_size_follows_the_reference_size():

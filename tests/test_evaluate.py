@@ -20,6 +20,7 @@ from sklearn.metrics import (
 from scpermut_dist.commands.main import main
 from scpermut_dist.config import RunConfig
 from scpermut_dist.evaluation import lobo as evaluate
+from scpermut_dist.evaluation import metrics
 
 TINY = ["train.max_epochs=2", "model.hidden_sizes=[32]", "model.latent_dim=8", "data.n_hvg=200",
         "model.classifier_hidden=16", "model.dann_hidden=16", "train.batch_size=64", "model.ensemble_size=1"]
@@ -49,6 +50,7 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
     for s in TINY:
         args += ["--set", s]
     assert _cli(*args) == 0
+    kang = ad.read_h5ad(kang_small)
     report = json.loads((out / "metrics.json").read_text())
     preds = pd.read_csv(out / "predictions.csv")
     methods = {"scpermut", "logreg_celltypist", "knn_pca", "celltypist"}
@@ -73,7 +75,16 @@ def test_evaluate_end_to_end_with_scpermut_and_baselines(kang_small, tmp_path):
             assert m["seconds"] > 0
             assert set(m["per_class_f1"]) >= set(pd.read_csv(out / "predictions.csv").query(
                 f"fold == {fold['fold']}")["true"])
-            assert m["size_bins"]
+            # size bins: the metrics of each bin's cells, bins from the fold's reference frequencies
+            freq = metrics.reference_class_freq(kang.obs["cell_type"][kang.obs["batch"] != fold["query_batch"]])
+            want = metrics.size_bin_metrics(t.to_numpy(), p.to_numpy(), freq)
+            assert set(m["size_bins"]) == set(want) and sum(b["n_cells"] for b in m["size_bins"].values()) == 120
+            for name_bin, wb in want.items():
+                gb, in_bin = m["size_bins"][name_bin], t.isin(wb["types"]).to_numpy()
+                assert gb["types"] == wb["types"] and gb["n_cells"] == in_bin.sum()
+                assert gb["accuracy"] == pytest.approx((t == p).to_numpy()[in_bin].mean())
+                for key in ("balanced_accuracy", "macro_f1", "macro_f1_of_types"):
+                    assert gb[key] == pytest.approx(wb[key]), (name_bin, key)
         assert 0.0 <= fold["methods"]["scpermut"]["batch_entropy"] <= 1.0
         for png in fold["plots"]:
             assert (out / png).stat().st_size > 1000
@@ -348,10 +359,18 @@ def test_semi_supervised_never_lets_a_hidden_label_reach_training(cellbench_3cl,
     # baselines: trained on the labelled cells only, the hidden cells arrive without a label column
     (ref_names, query_names, query_cols), = seen
     assert ref_names == set(names[~hidden]) and query_names == set(names[hidden]) and "cell_line" not in query_cols
+    preds = pd.read_csv(tmp_path / "semi" / "predictions.csv")
+    assert set(preds["cell"]) == set(names[hidden])
+    truth = a.obs["cell_line"].astype(str)[preds["cell"]].to_numpy()
+    assert (preds["true"].to_numpy() == truth).all()
     for n in ("scpermut", "logreg_celltypist", "celltypist"):
         m = fold["methods"][n]
         assert m["n_cells"] == hidden.sum() and set(m["per_class"]) == set(a.obs["cell_line"].astype(str))
-        assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0 and m["seconds"] > 0
+        # scored on the hidden cells' true labels, as sklearn scores the predictions written out
+        p = preds[n].astype(str)
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, p))
+        assert m["macro_f1"] == pytest.approx(f1_score(truth, p, average="macro", zero_division=0))
+        assert m["seconds"] > 0
     assert fold["methods"]["logreg_celltypist"]["balanced_accuracy"] > 0.9
     assert "semi-supervised" in report["protocol"] and report["dataset"]["mask_seeds"] == [5]
 
@@ -438,8 +457,12 @@ def test_holdout_type_reports_auroc_and_unknown_fraction(kang_small, tmp_path, c
 
             assert h["auroc"] == pytest.approx(roc_auc_score(q["true"] == "B cells", q[f"{name}_unknown_score"]))
         assert fold["methods"]["scpermut"]["holdout"]["score"] in ("1-confidence", "unknown_score")
-        assert 0.0 <= fold["methods"]["scpermut"]["holdout"]["fraction_novel_unknown"] <= 1.0
-        assert 0.0 <= fold["methods"]["celltypist"]["holdout"]["fraction_novel_unknown"] <= 1.0
+        novel = (q["true"] == "B cells").to_numpy()
+        for name in ("scpermut", "celltypist"):  # the abstentions written out, among the held-out type's cells
+            h, flagged = fold["methods"][name]["holdout"], q[f"{name}_unknown"].astype(bool).to_numpy()
+            assert h["fraction_novel_unknown"] == pytest.approx(flagged[novel].mean()), name
+            assert h["fraction_known_unknown"] == pytest.approx(flagged[~novel].mean()), name
+            assert fold["methods"][name]["fraction_unknown"] == pytest.approx(flagged[~novel].mean()), name
         assert fold["methods"]["logreg_celltypist"]["holdout"]["fraction_novel_unknown"] is None  # no unknown rule
     summary = report["holdout"]["scpermut"]
     assert summary["auroc"] == pytest.approx(np.mean([f["methods"]["scpermut"]["holdout"]["auroc"]
@@ -461,15 +484,21 @@ def test_finetune_reports_the_adapted_model_beside_the_reference_only_one(kang_s
     report = json.loads((out / "metrics.json").read_text())
     assert report["methods"] == ["scpermut", "scpermut_finetuned", "knn_pca"]
     assert report["summary"]["best_baseline"] == "knn_pca"  # a variant of scPermut is never its baseline
+    preds = pd.read_csv(out / "predictions.csv")
     for fold in report["folds"]:
         base, tuned = fold["methods"]["scpermut"], fold["methods"]["scpermut_finetuned"]
         ft = tuned["info"]["finetune"]
         assert ft["n_query_cells"] == fold["n_query"] and len(ft["new_batches"]) == 1
         assert "finetune" not in base["info"]
         assert tuned["seconds"] > base["seconds"]  # fit + fine-tune + map vs fit + map of the same model
-        for m in (base, tuned):  # both embed reference + query: the latent metrics compare their mixing
-            assert 0.0 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["batch_entropy"] <= 1.0
-    preds = pd.read_csv(out / "predictions.csv")
+        q = preds.query(f"fold == {fold['fold']}")
+        t = q["true"].astype(str)
+        for name, m in (("scpermut", base), ("scpermut_finetuned", tuned)):
+            p = q[name].astype(str)  # each scored on its own predictions
+            assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(t, p)), name
+            assert m["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", zero_division=0)), name
+            # both embed reference + query: the latent metrics compare their mixing
+            assert 0.0 <= m["batch_entropy"] <= 1.0
     assert {"scpermut", "scpermut_finetuned"} <= set(preds.columns)
     assert _cli("--h5ad", str(kang_small), "--label-key", "cell_type", "--batch-key", "batch", "--out",
                 str(tmp_path / "x"), "--methods", "knn", "--finetune") == 2

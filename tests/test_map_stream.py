@@ -5,6 +5,8 @@ by soma_joinid; a bad filter is a clear error that writes nothing.
 """
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -91,9 +93,10 @@ def test_experiment_with_filter_equals_h5ad_map(kang, tmp_path):
     assert np.array_equal(t["label"].to_numpy(), expected.obs["scpermut_label"].astype(str).to_numpy())
     assert np.allclose(t["confidence"], expected.obs["scpermut_confidence"], atol=1e-5)
     assert np.allclose(_latent(t), expected.obsm["X_scpermut"], atol=1e-5)
-    if "scpermut_unknown" in expected.obs:  # the reference's abstention rule, applied per chunk alike
-        assert np.array_equal(t["unknown"].to_numpy(), expected.obs["scpermut_unknown"].to_numpy())
-        assert np.allclose(t["unknown_score"], expected.obs["scpermut_unknown_score"], atol=1e-5)
+    # the reference's abstention rule (fitted at training), applied per chunk alike
+    assert "scpermut_unknown" in expected.obs
+    assert np.array_equal(t["unknown"].to_numpy(), expected.obs["scpermut_unknown"].to_numpy())
+    assert np.allclose(t["unknown_score"], expected.obs["scpermut_unknown_score"], atol=1e-5)
     classes = list(expected.uns["scpermut"]["classes"])
     assert np.allclose(t[[f"p_{c}" for c in classes]].to_numpy(), expected.obsm["scpermut_probabilities"], atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h5ad.h5ad", "h5ad_query.h5ad", "stream.h5ad",
@@ -115,8 +118,12 @@ def test_census_collection_parquet_keyed_by_soma_joinid(census, census_store_3k,
     assert np.array_equal(t["label"].to_numpy(), expected.labels[order])
     assert np.allclose(_latent(t), expected.latent[order], atol=1e-5)
     assert np.allclose(t["confidence"], expected.confidence[order], atol=1e-5)
-    meta = pq.read_schema(out).metadata[b"scpermut"].decode()
-    assert '"classes"' in meta and '"n_genes_found"' in meta
+    meta = json.loads(pq.read_schema(out).metadata[b"scpermut"].decode())
+    assert meta["classes"] == ref.classes == list(expected.probabilities.columns)
+    assert meta["n_genes_found"] == summary.n_genes_found == expected.n_genes_found
+    assert meta["n_genes_model"] == expected.n_genes_model == len(ref.genes)
+    assert meta["genes_matched_by"] == expected.matched_by and meta["n_classes"] == len(ref.classes)
+    assert meta["calibration"] == ref.metrics["calibration"] and meta["model"] == str(ref_dir)
 
 
 def test_bad_filters_and_outputs_are_clear_errors_writing_nothing(kang, census, census_store_3k, tmp_path, capsys):

@@ -20,8 +20,17 @@ def test_classification_metrics_hand_computed():
     # F1 a: p=1, r=.75 -> 6/7; F1 b: p=2/3, r=1 -> 0.8
     assert m["per_class_f1"] == pytest.approx({"a": 6 / 7, "b": 0.8})
     assert m["macro_f1"] == pytest.approx((6 / 7 + 0.8) / 2)
-    for key in ("mcc", "cohen_kappa", "ari", "nmi"):
-        assert -1.0 <= m[key] < 1.0
+    # 2x2 table, "a" positive: TP 3, FN 1, FP 0, TN 2
+    assert m["mcc"] == pytest.approx((3 * 2 - 0 * 1) / math.sqrt(3 * 4 * 2 * 3))  # 1/sqrt(2)
+    p_chance = (4 / 6) * (3 / 6) + (2 / 6) * (3 / 6)  # 1/2
+    assert m["cohen_kappa"] == pytest.approx((5 / 6 - p_chance) / (1 - p_chance))  # 2/3
+    # ARI from pair counts: sum C(n_ij, 2) = 3 + 1, rows 6 + 1, columns 3 + 3, C(6, 2) = 15
+    expected_pairs = 7 * 6 / 15
+    assert m["ari"] == pytest.approx((4 - expected_pairs) / ((7 + 6) / 2 - expected_pairs))  # 12/37
+    # NMI (arithmetic mean of the entropies): MI = 1/2 ln(3/2) + 1/6 ln(1/2) + 1/3 ln 2
+    mi = 0.5 * math.log(1.5) + math.log(0.5) / 6 + math.log(2) / 3
+    h_true, h_pred = -(4 / 6 * math.log(4 / 6) + 2 / 6 * math.log(2 / 6)), math.log(2)
+    assert m["nmi"] == pytest.approx(mi / ((h_true + h_pred) / 2))
     perfect = metrics.classification_metrics(y_true, y_true)
     assert all(perfect[k] == pytest.approx(1.0) for k in ("balanced_accuracy", "mcc", "cohen_kappa", "ari", "nmi"))
 
@@ -69,7 +78,17 @@ def test_batch_entropy_separated_is_zero_and_mixed_is_hand_computed():
     z = rng.normal(size=(400, 5))
     b = rng.choice(["x", "y", "w"], 400)
     assert metrics.batch_mixing_entropy(z, b) > 0.95
-    assert metrics.batch_mixing_entropy(z[:5], b[:5], k=100) >= 0.0
+    # 5 cells: k=100 is k=4, every cell's neighbours are the 4 others
+    capped = metrics.batch_mixing_entropy(z[:5], b[:5], k=100)
+    assert capped == metrics.batch_mixing_entropy(z[:5], b[:5], k=4)
+    _, b5 = np.unique(b[:5], return_inverse=True)
+    glob = np.bincount(b5).astype(float)
+    assert len(glob) > 1
+
+    def h(c):
+        p = c[c > 0] / c.sum()
+        return -(p * np.log(p)).sum()
+    assert capped == pytest.approx(np.mean([h(glob - np.eye(len(glob))[j]) for j in b5]) / h(glob))
     assert math.isnan(metrics.batch_mixing_entropy(z, ["x"] * 400))
 
 

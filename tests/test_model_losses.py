@@ -109,6 +109,10 @@ def test_total_loss_is_the_weighted_sum_of_its_terms():
                                          + 0.01 * float(parts["rec"]), rel=1e-5)
     total_rec, parts_rec = total_loss(out, xp, labels, batches, ["rec"], w)
     assert set(parts_rec) == {"rec", "total"}
+    # only the rec term, weighted, and the same rec part as with all terms
+    assert float(parts_rec["rec"]) == pytest.approx(float(parts["rec"]), rel=1e-6)
+    assert float(total_rec.detach()) == pytest.approx(0.01 * float(parts_rec["rec"]), rel=1e-5)
+    assert float(parts_rec["total"]) == float(total_rec.detach())
 
 
 def test_module_shapes_linear_bottleneck_and_freezing():
@@ -175,7 +179,9 @@ def test_stratified_split_is_a_seeded_minority_and_keeps_singletons_in_train():
     assert np.array_equal(val, stratified_split(labels, 0.2, seed=3)[1])
     assert not np.array_equal(val, stratified_split(labels, 0.2, seed=4)[1])
     _, capped = stratified_split(labels, 0.2, max_val=5, seed=0)
-    assert len(capped) <= 5
+    # 22 > 5: fraction 5/111, so round(100*5/111) = 5 of class 0, round(0.45) = 0 of class 1, 0 of the singleton
+    assert len(capped) == 5 and np.bincount(labels[capped], minlength=3).tolist() == [5, 0, 0]
+    assert np.all(np.diff(capped) > 0)  # sorted, distinct
 
 
 def test_focal_alpha_max_caps_only_the_rare_class():

@@ -139,6 +139,23 @@ def test_rerunning_the_command_resumes_a_stopped_run(two_worker_run, census_stor
     _assert_resumed_exactly(run, two_worker_run)
 
 
+def test_a_rerun_with_other_training_settings_is_refused_and_changes_nothing(two_worker_run, census_store_3k, capsys):
+    """Re-running a run folder resumes (or returns) what its checkpoints trained: other settings are an error, not
+    the old model under a config.yaml that claims the new ones."""
+    weights, config = _weights(two_worker_run), (two_worker_run / "model" / "config.yaml").read_text()
+    n_records = len(_metrics(two_worker_run))
+    assert _train(census_store_3k, two_worker_run, 2, "--set", "loss.classifier=ce", "--set", "train.num_threads=2") == 2
+    err = capsys.readouterr().err
+    assert "other training settings" in err and "loss.classifier: 'focal' -> 'ce'" in err and "num_threads" not in err
+    assert (two_worker_run / "model" / "config.yaml").read_text() == config and len(_metrics(two_worker_run)) == n_records
+    assert all(torch.equal(v, _weights(two_worker_run)[k]) for k, v in weights.items())
+    from scpermut_dist.api import load_reference
+    from scpermut_dist.errors import UsageError
+
+    with pytest.raises(UsageError, match="training run folder; its model is"):  # `map --model RUN_DIR` says where
+        load_reference(two_worker_run)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--workers", "0"], "at least 1 worker"),
     (["--set", "train.scheme=scheme99"], "train.scheme"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
+import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +54,8 @@ def data(datasets_dir, tmp_path_factory) -> dict:
         cfg = tiny_config("train.max_epochs=2", "train.num_threads=1", f"train.seed={seed}")
         fit(kang[~is_query].copy(), "cell_type", "batch", cfg).save(models / name)
     (models / "not-a-model").mkdir()  # no manifest.json: not hosted
+    shutil.copytree(models / "kang_a", models / "broken")  # a checkpoint missing its weights: skipped, never listed
+    (models / "broken" / "weights.pt").unlink()
     query = kang[is_query].copy()
     query_path = root / "query.h5ad"
     query.write_h5ad(query_path)
@@ -113,7 +117,10 @@ def test_healthz_needs_no_token_and_models_lists_both(server, data):
     card = models[0]
     assert card["cell_types"] == ref.classes
     assert card["genes"]["n_genes"] == len(ref.genes) and card["genes"]["naming"] == "symbols"
-    assert card["training_data"]["label_key"] == "cell_type" and "metrics" in card and "calibration" in card
+    assert card["training_data"]["label_key"] == "cell_type"
+    # the card carries the checkpoint's own metrics, calibration and unknown rule, not just the keys
+    assert card["metrics"] == ref.metrics and card["calibration"] == ref.metrics["calibration"]
+    assert card["calibration"]["temperature"] and card["unknown"] == ref.metrics["unknown"]
     assert "/" not in str(card["training_data"].get("source", ""))  # no server paths
 
 
@@ -166,7 +173,10 @@ def test_client_and_map_server_cli(server, data, tmp_path, monkeypatch):
     remote = ad.read_h5ad(out)
     assert remote.obs["scpermut_label"].astype(str).tolist() == list(expected.labels)
     np.testing.assert_allclose(remote.obsm["X_scpermut"], expected.latent, rtol=1e-4, atol=1e-5)
-    assert not remote.obs["scpermut_unknown"].any() or getattr(expected, "unknown", None) is not None
+    # abstention and confidence survive the server round trip exactly (no rule: nothing abstains)
+    want_unknown = np.zeros(len(expected.labels), bool) if expected.unknown is None else expected.unknown
+    assert remote.obs["scpermut_unknown"].to_numpy(bool).tolist() == np.asarray(want_unknown, bool).tolist()
+    np.testing.assert_allclose(remote.obs["scpermut_confidence"], expected.confidence, rtol=1e-5, atol=1e-6)
     assert main(["map", "--server", server, "--model", "nope", "--query", str(data["query_path"]),
                  "--out", str(tmp_path / "x.h5ad"), "--quiet"]) == 2
     assert not (tmp_path / "x.h5ad").exists()
@@ -321,11 +331,80 @@ def test_scpermut_serve_cli_serves_and_stops_on_sigterm(data):
         requests.get(f"{url}/healthz", timeout=5)
 
 
+def test_broken_checkpoint_is_not_hosted(server):
+    """models/broken (no weights.pt) is left out at startup: not counted, not listed, 404 like any unknown name."""
+    assert requests.get(f"{server}/healthz", timeout=30).json()["models"] == len(MODELS)
+    names = [m["name"] for m in requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()["models"]]
+    assert "broken" not in names
+    resp = _post(server, "broken", b"{}", {"Content-Type": "application/json"})
+    assert resp.status_code == 404 and "no model 'broken'" in resp.json()["detail"]
+
+
+def test_remapping_on_the_server_leaves_nothing_of_the_old_model(server, data, datasets_dir, tmp_path, monkeypatch):
+    """A query mapped locally by a 3-class model, then with --server by kang_b (5 classes): the output holds
+    kang_b's results only, in the same places as a local map (label_raw, probabilities, uns classes, ...)."""
+    from test_remap import written
+
+    query = data["query"]
+    ref_b = load_reference(data["models"] / "kang_b")
+    kang = ad.read_h5ad(datasets_dir / KANG)
+    keep = ~kang.obs_names.isin(query.obs_names) & kang.obs["cell_type"].astype(str).isin(ref_b.classes[:3])
+    subset = kang[np.asarray(keep)].copy()
+    model_a = tmp_path / "model_a"
+    fit(subset, "cell_type", "batch", tiny_config("train.max_epochs=1", "train.num_threads=1")).save(model_a)
+    a_out = tmp_path / "a.h5ad"
+    assert main(["map", "--model", str(model_a), "--query", str(data["query_path"]), "--out", str(a_out),
+                 "--quiet"]) == 0
+    first = ad.read_h5ad(a_out)
+    assert first.obsm["scpermut_probabilities"].shape == (query.n_obs, 3)
+    assert {"obs/scpermut_label_raw", "obs/scpermut_neighbor_label"} <= written(first)
+    monkeypatch.setenv("SCPERMUT_TOKEN", TOKEN)
+    remote_out, fresh_out, local_out = tmp_path / "ab.h5ad", tmp_path / "b.h5ad", tmp_path / "local_b.h5ad"
+    for src, dst in ((a_out, remote_out), (data["query_path"], fresh_out)):
+        assert main(["map", "--server", server, "--model", "kang_b", "--query", str(src), "--out", str(dst),
+                     "--quiet"]) == 0
+    assert main(["map", "--model", str(data["models"] / "kang_b"), "--query", str(data["query_path"]),
+                 "--out", str(local_out), "--quiet"]) == 0
+    remote, fresh, local = ad.read_h5ad(remote_out), ad.read_h5ad(fresh_out), ad.read_h5ad(local_out)
+    # nothing of model A: every key is one kang_b writes, and the probabilities have kang_b's classes
+    assert written(remote) == written(fresh) == written(local)
+    assert list(remote.uns["scpermut"]["classes"]) == ref_b.classes
+    assert remote.obsm["scpermut_probabilities"].shape == (query.n_obs, len(ref_b.classes)) != (query.n_obs, 3)
+    assert remote.uns["scpermut"]["model"] == "kang_b" and remote.uns["scpermut"]["server"] == server
+    # the same values as kang_b's local map, in the same places
+    for col in ("scpermut_label", "scpermut_label_raw", "scpermut_neighbor_label", "scpermut_unknown"):
+        assert remote.obs[col].astype(str).tolist() == local.obs[col].astype(str).tolist(), col
+    for col in ("scpermut_label", "scpermut_label_raw", "scpermut_neighbor_label"):
+        assert list(remote.obs[col].cat.categories) == list(local.obs[col].cat.categories), col
+    for col in ("scpermut_confidence", "scpermut_unknown_score", "scpermut_neighbor_agreement"):
+        np.testing.assert_allclose(remote.obs[col], local.obs[col], rtol=1e-5, atol=1e-6, err_msg=col)
+    for key in ("X_scpermut", "scpermut_probabilities"):
+        np.testing.assert_allclose(remote.obsm[key], local.obsm[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for key in ("gene_overlap", "genes_matched_by", "confidence", "n_genes_found", "n_genes_model"):
+        assert remote.uns["scpermut"][key] == local.uns["scpermut"][key], key
+
+
 def test_serving_wrote_nothing_under_the_models_folder(server, data):
     assert _tree(data["models"]) == data["tree"]
 
 
 # No server needed below: the builder's and the codec's checks.
+
+def test_broken_checkpoints_are_skipped_with_a_warning_or_refused(data, tmp_path, caplog):
+    from scpermut_dist.serve.catalog import discover_models
+
+    with caplog.at_level(logging.WARNING, logger="scpermut_dist.serve.catalog"):
+        assert list(discover_models(data["models"])) == list(MODELS)
+    (warning,) = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert "skipping checkpoint folder 'broken'" in warning and "weights.pt" in warning
+    only_broken = tmp_path / "models"
+    shutil.copytree(data["models"] / "broken", only_broken / "broken")
+    shutil.copytree(data["models"] / "kang_a", only_broken / "bad_genes")
+    (only_broken / "bad_genes" / "genes.tsv").write_text("")  # unreadable genes table
+    with pytest.raises(UsageError, match="no usable checkpoint") as err:
+        discover_models(only_broken)
+    assert "broken:" in str(err.value) and "weights.pt" in str(err.value) and "bad_genes:" in str(err.value)
+
 
 def test_builder_refuses_bad_arguments(data, tmp_path, monkeypatch):
     from scpermut_dist.serve.app import build_app

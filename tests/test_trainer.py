@@ -198,16 +198,39 @@ def test_stage_length_in_cells_seen(prepared):
     assert [r["cells"] for r in history] == [200, 200, 200, 200]  # stops once 700 cells were seen
 
 
-def test_validation_nll_breaks_accuracy_ties():
+def _early_stopping(curve: list[tuple[float, float]], tolerance: float = 0.0) -> dict:
+    """The stage state after feeding (balanced accuracy, balanced NLL) per epoch to the early-stopping rule."""
     from scpermut_dist.train.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
     t._stage_state = {"best_metric": None, "best_epoch": None, "bad_epochs": 0}
-    t._best_state, t.module = None, torch.nn.Linear(2, 2)
+    t._best_state, t.module, t.tolerance = None, torch.nn.Linear(2, 2), tolerance
     stage = Stage(name="s", trains=["encoder", "classifier"], losses=["clas"], epochs=5, early_stopping=3)
-    for epoch, (ba, nll) in enumerate([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1)]):
+    for epoch, (ba, nll) in enumerate(curve):
         t._early_stopping_update(stage, epoch, ba, nll)
-    assert t._stage_state["best_epoch"] == 1 and t._stage_state["bad_epochs"] == 2
+    return t._stage_state
+
+
+def test_validation_nll_breaks_accuracy_ties():
+    st = _early_stopping([(1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1)])
+    assert st["best_epoch"] == 1 and st["bad_epochs"] == 2
+
+
+CURVE = [(0.90, 0.50), (0.93, 0.40), (0.925, 0.30), (0.94, 0.35), (0.95, 0.45), (0.92, 0.20)]
+
+
+def test_without_tolerance_the_first_highest_accuracy_is_kept():
+    st = _early_stopping(CURVE)
+    assert st["best_epoch"] == 4 and st["bad_epochs"] == 1 and st["peak"] == 0.95
+
+
+def test_a_tolerance_keeps_the_best_fitting_epoch_near_the_accuracy_peak():
+    """0.01: epoch 2 (0.925, within 0.005 of the 0.93 peak) fits better than epoch 1; the 0.94 peak drops it out of
+    the band; the 0.95 peak keeps epoch 3 (in its band, lower NLL) but resets patience; 0.92 is below the band."""
+    st = _early_stopping(CURVE, tolerance=0.01)
+    assert st["best_epoch"] == 3 and st["best_metric"] == 0.94 and st["peak"] == 0.95 and st["bad_epochs"] == 1
+    assert _early_stopping(CURVE[:3], tolerance=0.01)["best_epoch"] == 2
+    assert _early_stopping(CURVE[:3], tolerance=0.001)["best_epoch"] == 1  # 0.925 is not level with 0.93 at 0.001
 
 
 def test_the_adversary_learns_on_its_own_time_scale(prepared):

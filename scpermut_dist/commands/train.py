@@ -75,11 +75,12 @@ def _train_in_process(uri: str, cfg, args: argparse.Namespace, organism: str | N
     from scpermut_dist.errors import UsageError
     from scpermut_dist.mapping.checkpoint import MANIFEST
     from scpermut_dist.train.reference import train_reference
-    from scpermut_dist.train.trainer import format_record
+    from scpermut_dist.train.trainer import format_record, resolve_device
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise UsageError(f"--out {out} exists and is not a scpermut checkpoint folder; choose another path")
+    resolve_device(cfg.train.device)  # training runs here: a CUDA device this machine lacks fails now, before loading
     options = {"layer": cfg.data.layer, "organism": organism}
 
     def report(r: dict) -> None:

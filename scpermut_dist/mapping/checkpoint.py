@@ -125,6 +125,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint folder; raises UsageError when it is missing, incomplete or from a newer format."""
     d = Path(path)
     if not (d / MANIFEST).is_file():
+        if (d / "model" / MANIFEST).is_file():  # a Ray run folder (`train --workers`): its model is one level down
+            raise UsageError(f"{d} is a training run folder; its model is {d / 'model'}: pass that")
         raise UsageError(f"{d} is not a scpermut checkpoint (no {MANIFEST}); pass the folder written by `scpermut train`")
     try:
         manifest = json.loads((d / MANIFEST).read_text())
@@ -141,11 +143,54 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if isinstance(exc, UsageError):
             raise
         raise UsageError(f"{d}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    problem = _inconsistency(manifest, genes, [state, *extra])
+    if problem:
+        raise UsageError(f"{d}: damaged checkpoint: {problem}; its files do not belong together. Re-export it: "
+                         "save the reference again (or rerun `scpermut train --out`) and copy the whole folder")
     return Checkpoint(state_dict=state, config=config, genes=genes, classes=manifest["classes"],
                       batches=manifest["batches"], normalization=Normalization.from_dict(manifest["normalization"]),
                       dims=manifest["dims"], training_data=manifest.get("training_data", {}),
                       metrics=manifest.get("metrics", {}), summary=manifest.get("summary", {}), history=history,
                       manifest=manifest, extra_state_dicts=extra, extras=extras)
+
+
+def _inconsistency(manifest: dict, genes: pd.DataFrame, state_dicts: list[dict]) -> str | None:
+    """Why genes.tsv, the manifest's classes and batches, its model dims and weights.pt disagree, or None.
+
+    Each file reads fine alone when one was cut short, edited or copied from another checkpoint; mapping
+    would then fail deep in torch ("mat1 and mat2 shapes cannot be multiplied")."""
+    from scpermut_dist.model.module import ScPermutModule
+
+    missing = {"feature_id", "feature_name"} - set(genes.columns)
+    if missing:
+        return f"genes.tsv lacks the column(s) {sorted(missing)}"
+    dims = manifest.get("dims")
+    if not isinstance(dims, dict):
+        return "the manifest has no model dims"
+    for what, n, key in (("genes.tsv lists", len(genes), "n_genes"),
+                         ("the manifest lists", len(manifest.get("classes", ())), "n_classes"),
+                         ("the manifest lists", len(manifest.get("batches", ())), "n_batches")):
+        name = key[2:]
+        if dims.get(key) != n:
+            return f"{what} {n} {name}, the model was built for {dims.get(key)}"
+    if "n_genes" in manifest and manifest["n_genes"] != len(genes):
+        return f"genes.tsv lists {len(genes)} genes, the manifest says {manifest['n_genes']}"
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            expected = {k: tuple(v.shape) for k, v in ScPermutModule(**dims).state_dict().items()}
+    except (TypeError, ValueError) as exc:
+        return f"the manifest's model dims are invalid ({exc})"
+    for member, sd in enumerate(state_dicts):
+        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            return (f"weights.pt (member {member}) does not fit the manifest's model dims "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        wrong = [k for k in expected if tuple(sd[k].shape) != expected[k]]
+        if wrong:
+            k = wrong[0]
+            return (f"weights.pt (member {member}) has {k} of shape {tuple(sd[k].shape)}, the manifest's dims "
+                    f"give {expected[k]}")
+    return None
 
 
 def _write_extra(d: Path, name: str, arrays: dict[str, np.ndarray]) -> None:

@@ -48,8 +48,34 @@ class MappingResult:
         return cls(**values)
 
 
+# What `annotate` (and the --server client) write: obs columns and obsm keys named `scpermut_*`, the latent
+# `obsm["X_scpermut"]` and `uns["scpermut"]`. `clear_annotations` removes all of them (and `uns["scpermut_*"]`,
+# e.g. scanpy's `scpermut_label_colors`) before a new result is written, so a re-mapped file holds only its
+# new model's results.
+PREFIX = "scpermut_"
+LATENT_KEY = "X_scpermut"
+PROBABILITIES_KEY = "scpermut_probabilities"
+UNS_KEY = "scpermut"
+
+
+def clear_annotations(adata: ad.AnnData) -> list[str]:
+    """Remove every obs column, obsm key and uns key a previous `scpermut map` wrote; returns what was removed
+    (as "obs/NAME", "obsm/NAME", "uns/NAME")."""
+    removed = []
+    for col in [c for c in adata.obs.columns if str(c).startswith(PREFIX)]:
+        del adata.obs[col]
+        removed.append(f"obs/{col}")
+    for key in [k for k in adata.obsm.keys() if k == LATENT_KEY or str(k).startswith(PREFIX)]:
+        del adata.obsm[key]
+        removed.append(f"obsm/{key}")
+    for key in [k for k in adata.uns.keys() if k == UNS_KEY or str(k).startswith(PREFIX)]:
+        del adata.uns[key]
+        removed.append(f"uns/{key}")
+    return removed
+
+
 def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.AnnData:
-    """Write the result into `adata`.
+    """Write the result into `adata`, after removing any earlier mapping's outputs (`clear_annotations`).
 
     obs: `scpermut_label` (categorical over the reference classes, plus "unknown" when the reference
     abstains), `scpermut_confidence` (max class probability, calibrated when the checkpoint is),
@@ -62,6 +88,7 @@ def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.A
     """
     from scpermut_dist.mapping.unknown import UNKNOWN_LABEL
 
+    clear_annotations(adata)
     classes = list(result.probabilities.columns)
     label_categories = classes + ([UNKNOWN_LABEL] if result.unknown is not None and UNKNOWN_LABEL not in classes else [])
     adata.obs["scpermut_label"] = pd.Categorical(result.labels, categories=label_categories)
@@ -74,10 +101,10 @@ def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.A
     if result.neighbor_label is not None:
         adata.obs["scpermut_neighbor_label"] = pd.Categorical(result.neighbor_label, categories=classes)
         adata.obs["scpermut_neighbor_agreement"] = np.asarray(result.neighbor_agreement, dtype=np.float32)
-    adata.obsm["X_scpermut"] = result.latent.astype(np.float32)
-    adata.obsm["scpermut_probabilities"] = result.probabilities.to_numpy(dtype=np.float32)
+    adata.obsm[LATENT_KEY] = result.latent.astype(np.float32)
+    adata.obsm[PROBABILITIES_KEY] = result.probabilities.to_numpy(dtype=np.float32)
     n_model = max(int(result.n_genes_model), 1)
-    adata.uns["scpermut"] = _h5ad_safe({
+    adata.uns[UNS_KEY] = _h5ad_safe({
         **model_info, "classes": classes, "n_genes_model": result.n_genes_model,
         "n_genes_found": result.n_genes_found, "gene_overlap": result.n_genes_found / n_model,
         "genes_matched_by": result.matched_by,
@@ -87,10 +114,13 @@ def annotate(adata: ad.AnnData, result: MappingResult, model_info: dict) -> ad.A
 
 
 def _h5ad_safe(value):
-    """uns content h5ad can store: None dropped, tuples as lists, numpy scalars as Python numbers."""
+    """uns content h5ad can store: None dropped, tuples as lists, numpy scalars as Python numbers, and a list of
+    dicts (an ensemble's per-member calibration) as a dict keyed "0", "1", ... (h5ad has no list of groups)."""
     if isinstance(value, dict):
         return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
+        if any(isinstance(v, dict) for v in value):
+            return {str(i): _h5ad_safe(v) for i, v in enumerate(value) if v is not None}
         return [_h5ad_safe(v) for v in value if v is not None]
     if isinstance(value, np.generic):
         return value.item()

@@ -2,7 +2,10 @@
 
 Names are fixed when the server starts and every request's model name is looked up in that set, so a
 request can never name a path (`../x`, `/etc`) or a folder that is not a finished checkpoint.
-Model cards are read from each checkpoint's manifest.json and genes.tsv, without loading weights.
+At startup each checkpoint is loaded once as the mapper would load it (`load_reference`: manifest, weights,
+config, genes, history, extras, the network rebuilt) and its model card built; a folder that fails is
+skipped with a warning naming it and the problem, and never listed (no checkpoint usable: startup fails).
+Model cards are read from each checkpoint's manifest.json and genes.tsv.
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ _ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
 
 def discover_models(models_dir: str | Path) -> dict[str, Path]:
-    """Name -> folder for every subfolder of `models_dir` holding a manifest.json."""
+    """Name -> folder for every subfolder of `models_dir` holding a manifest.json that loads (`check_model`).
+    Broken checkpoints are skipped with a warning naming them; none usable is a UsageError."""
     root = Path(models_dir)
     if not root.is_dir():
         raise UsageError(f"--models {root}: not a directory; give the folder whose subfolders are checkpoints "
                          "written by `scpermut train`")
-    found = {}
+    found, broken = {}, []
     for sub in sorted(root.iterdir()):
         if not (sub / MANIFEST).is_file():
             continue
@@ -35,11 +39,32 @@ def discover_models(models_dir: str | Path) -> dict[str, Path]:
             log.warning("skipping checkpoint folder %r: model names use letters, digits, '.', '_' and '-' "
                         "and start with a letter or digit", sub.name)
             continue
+        problem = check_model(sub.name, sub)
+        if problem is not None:
+            log.warning("skipping checkpoint folder %r (%s): it cannot be served: %s", sub.name, sub, problem)
+            broken.append(f"{sub.name}: {problem}")
+            continue
         found[sub.name] = sub.resolve()
     if not found:
+        if broken:
+            raise UsageError(f"--models {root}: no usable checkpoint; " + "; ".join(broken))
         raise UsageError(f"--models {root}: no checkpoint folders (subfolders with {MANIFEST}) found; "
                          "train one with `scpermut train --out DIR/NAME`")
     return found
+
+
+def check_model(name: str, folder: Path) -> str | None:
+    """Why checkpoint `folder` cannot be served, or None: it must load as the mapper loads it
+    (mapping/reference.py `load_reference`, which reads and checks every file through
+    mapping/checkpoint.py `load_checkpoint`) and give a model card."""
+    from scpermut_dist.mapping.reference import load_reference
+
+    try:
+        load_reference(folder)
+        model_card(name, folder)
+    except Exception as exc:  # any failure here would be a 500 on every request for this model
+        return str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def model_card(name: str, folder: Path) -> dict:

@@ -109,16 +109,58 @@ def h5ad_bytes(adata: ad.AnnData, layer: str | None = None) -> bytes:
 
 
 def annotate_from_frame(adata: ad.AnnData, frame: pd.DataFrame, server: str, model: str) -> ad.AnnData:
-    """Write a server's answer into `adata` as `scpermut map` does (obs labels/confidence/unknown, latent)."""
+    """Write a server's answer into `adata` where a local `scpermut map` writes it (mapping/output.py `annotate`).
+
+    Every `scpermut_*` obs column / obsm key, `obsm["X_scpermut"]` and `uns["scpermut"]` already in `adata`
+    (an earlier mapping, perhaps by another model) is removed first, so `adata` holds only this answer.
+
+    From a server that sends them (class probabilities and `classes`): obs `scpermut_label`,
+    `scpermut_confidence`, `scpermut_label_raw`, `scpermut_unknown`, `scpermut_unknown_score`,
+    `scpermut_neighbor_label` / `scpermut_neighbor_agreement` (references with a neighbour sample), obsm
+    `X_scpermut` and `scpermut_probabilities`, uns `scpermut` with `classes`, the gene overlap, the confidence
+    kind and the unknown thresholds, as a local map writes them. Differences from a local map: uns
+    `scpermut` names the model by its server name and holds `server`, but not the checkpoint's path,
+    format/package version, label key, ensemble size or calibration (the model card, GET /v1/models, has
+    them); and `scpermut_unknown` (all False) is written even for a reference without an unknown rule.
+    An older server's answer (no probabilities) gives only the label, confidence, unknown flag and score,
+    and the latent, with no `classes` in uns.
+    """
+    from scpermut_dist.mapping.output import LATENT_KEY, UNS_KEY, MappingResult, annotate, clear_annotations
+    from scpermut_dist.serve.codec import PROB_PREFIX
+
     if list(frame.index.astype(str)) != list(adata.obs_names.astype(str)):
         raise UsageError("the server's answer is not in the query's cell order")
+    attrs = frame.attrs
+    latent = frame[[c for c in frame.columns if c.startswith("latent_")]].to_numpy(np.float32)
+    classes = [str(c) for c in (attrs.get("classes") or [])]
+    prob_cols = [f"{PROB_PREFIX}{k}" for k in range(len(classes))]
+    clear_annotations(adata)
+    if classes and all(c in frame.columns for c in prob_cols):
+        def column(name, dtype):
+            return frame[name].to_numpy(dtype) if name in frame.columns else None
+
+        result = MappingResult(
+            labels=frame["label"].to_numpy(str), confidence=frame["confidence"].to_numpy(np.float32),
+            probabilities=pd.DataFrame(frame[prob_cols].to_numpy(np.float32), index=frame.index, columns=classes),
+            latent=latent, n_genes_found=int(attrs.get("n_genes_found") or 0),
+            n_genes_model=int(attrs.get("n_genes_model") or 0), matched_by=str(attrs.get("genes_matched_by") or ""),
+            labels_raw=column("label_raw", str), unknown=frame["unknown"].to_numpy(bool),
+            unknown_score=column("unknown_score", np.float32), neighbor_label=column("neighbor_label", str),
+            neighbor_agreement=column("neighbor_agreement", np.float32),
+            thresholds=attrs.get("unknown_thresholds") or None, calibrated=bool(attrs.get("calibrated")))
+        if result.unknown_score is None:  # no unknown rule: nothing abstains (annotate writes both or neither)
+            result.unknown = None
+        annotate(adata, result, {"model": model, "server": server})
+        if "scpermut_unknown" not in adata.obs:
+            adata.obs["scpermut_unknown"] = frame["unknown"].to_numpy(bool)
+        return adata
+    # an older server: only what it sends
     adata.obs["scpermut_label"] = pd.Categorical(frame["label"].to_numpy())
     adata.obs["scpermut_confidence"] = frame["confidence"].to_numpy(np.float32)
     adata.obs["scpermut_unknown"] = frame["unknown"].to_numpy(bool)
     if "unknown_score" in frame:
         adata.obs["scpermut_unknown_score"] = frame["unknown_score"].to_numpy(np.float32)
-    latent = [c for c in frame.columns if c.startswith("latent_")]
-    adata.obsm["X_scpermut"] = frame[latent].to_numpy(np.float32)
-    adata.uns["scpermut"] = {"model": model, "server": server,
-                             **{k: v for k, v in frame.attrs.items() if v is not None and k != "model"}}
+    adata.obsm[LATENT_KEY] = latent
+    adata.uns[UNS_KEY] = {"model": model, "server": server,
+                          **{k: v for k, v in attrs.items() if v is not None and k != "model"}}
     return adata

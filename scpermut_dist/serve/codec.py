@@ -5,6 +5,12 @@ sparse counts: `{"genes": [...], "obs_names": [...], "indptr": [...], "indices":
 (CSR, cells x genes; obs_names optional). Every defect is a DataError saying what is wrong, which the
 server answers with 400. The response holds, in query-cell order, `obs_names`, `labels`, `confidence`,
 `unknown`, `unknown_score` and `latent`, plus the gene overlap; the same as a parquet table on request.
+It also holds what a local `scpermut map` writes besides: `labels_raw` (argmax before
+abstention), `probabilities` (cells x classes, columns in the order of `classes`), `neighbor_label` /
+`neighbor_agreement` (references with a neighbour sample), `calibrated` and `unknown_thresholds`. These are
+additions only: older clients ignore them, and clients read older servers' answers without them. In parquet
+they are the columns `label_raw`, `prob_0..prob_{K-1}`, `neighbor_label`, `neighbor_agreement`, the rest in
+the schema metadata `scpermut`.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ from loaders.errors import DataError
 
 PARQUET = "application/vnd.apache.parquet"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-META_KEYS = ("model", "n_genes_found", "n_genes_model", "genes_matched_by")
+META_KEYS = ("model", "n_genes_found", "n_genes_model", "genes_matched_by", "classes", "calibrated",
+             "unknown_thresholds")  # the last three: absent (None) in older servers' answers
+PROB_PREFIX = "prob_"  # parquet / frame columns of the class probabilities, in the order of attrs["classes"]
 
 
 @dataclass
@@ -34,7 +42,11 @@ class Payload:
     unknown: np.ndarray  # bool per cell
     unknown_score: np.ndarray | None  # float32 per cell, when the reference computes one
     latent: np.ndarray  # cells x latent_dim float32
-    meta: dict  # model, n_genes_found, n_genes_model, genes_matched_by
+    meta: dict  # model, n_genes_found, n_genes_model, genes_matched_by[, classes, calibrated, unknown_thresholds]
+    labels_raw: np.ndarray | None = None  # str per cell: the argmax class before abstention
+    probabilities: np.ndarray | None = None  # cells x classes float32, columns in the order of meta["classes"]
+    neighbor_label: np.ndarray | None = None  # str per cell, references with a neighbour sample
+    neighbor_agreement: np.ndarray | None = None  # float32 per cell
 
     @classmethod
     def from_result(cls, result, obs_names, model: str) -> Payload:
@@ -42,19 +54,35 @@ class Payload:
         n = len(result.labels)
         unknown = getattr(result, "unknown", None)
         score = getattr(result, "unknown_score", None)
+        raw = getattr(result, "labels_raw", None)
+        probs = getattr(result, "probabilities", None)
+        nlabel = getattr(result, "neighbor_label", None)
+        nagree = getattr(result, "neighbor_agreement", None)
+        thresholds = getattr(result, "thresholds", None)
+        meta = {"model": model, "n_genes_found": int(result.n_genes_found),
+                "n_genes_model": int(result.n_genes_model), "genes_matched_by": str(result.matched_by),
+                "calibrated": bool(getattr(result, "calibrated", False))}
+        if probs is not None:
+            meta["classes"] = [str(c) for c in probs.columns]
+        if thresholds:
+            meta["unknown_thresholds"] = _plain(thresholds)
         return cls(obs_names=[str(o) for o in obs_names], labels=np.asarray(result.labels).astype(str),
                    confidence=np.asarray(result.confidence, dtype=np.float32),
                    unknown=np.zeros(n, bool) if unknown is None else np.asarray(unknown, dtype=bool),
                    unknown_score=None if score is None else np.asarray(score, dtype=np.float32),
-                   latent=np.asarray(result.latent, dtype=np.float32),
-                   meta={"model": model, "n_genes_found": int(result.n_genes_found),
-                         "n_genes_model": int(result.n_genes_model), "genes_matched_by": str(result.matched_by)})
+                   latent=np.asarray(result.latent, dtype=np.float32), meta=meta,
+                   labels_raw=None if raw is None else np.asarray(raw).astype(str),
+                   probabilities=None if probs is None else np.asarray(probs, dtype=np.float32).reshape(n, -1),
+                   neighbor_label=None if nlabel is None else np.asarray(nlabel).astype(str),
+                   neighbor_agreement=None if nagree is None else np.asarray(nagree, dtype=np.float32))
 
     def to_json(self) -> bytes:
         out = {"obs_names": self.obs_names, "labels": self.labels.tolist(), "confidence": self.confidence.tolist(),
                "unknown": self.unknown.tolist(), "latent": self.latent.tolist(), **self.meta}
-        if self.unknown_score is not None:
-            out["unknown_score"] = self.unknown_score.tolist()
+        for key in ("unknown_score", "labels_raw", "probabilities", "neighbor_label", "neighbor_agreement"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value.tolist()
         return json.dumps(out, allow_nan=False).encode()
 
     def to_parquet(self) -> bytes:
@@ -73,6 +101,13 @@ class Payload:
         if self.unknown_score is not None:
             cols["unknown_score"] = self.unknown_score
         cols.update({f"latent_{k}": self.latent[:, k] for k in range(self.latent.shape[1])})
+        if self.labels_raw is not None:
+            cols["label_raw"] = self.labels_raw
+        if self.probabilities is not None:
+            cols.update({f"{PROB_PREFIX}{k}": self.probabilities[:, k] for k in range(self.probabilities.shape[1])})
+        if self.neighbor_label is not None:
+            cols["neighbor_label"] = self.neighbor_label
+            cols["neighbor_agreement"] = self.neighbor_agreement
         frame = pd.DataFrame(cols, index=pd.Index(self.obs_names, name="obs_name"))
         frame.attrs.update(self.meta)
         return frame
@@ -80,12 +115,21 @@ class Payload:
 
 def frame_from_json(doc: dict) -> pd.DataFrame:
     """The client's view of a JSON response: `Payload.to_frame()`'s layout."""
-    latent = np.asarray(doc["latent"], dtype=np.float32).reshape(len(doc["obs_names"]), -1)
-    score = doc.get("unknown_score")
+    n = len(doc["obs_names"])
+    latent = np.asarray(doc["latent"], dtype=np.float32).reshape(n, -1)
+
+    def optional(key, dtype):
+        value = doc.get(key)
+        return None if value is None else np.asarray(value, dtype=dtype)
+
+    probs = optional("probabilities", np.float32)
     return Payload(list(doc["obs_names"]), np.asarray(doc["labels"], dtype=str),
                    np.asarray(doc["confidence"], dtype=np.float32), np.asarray(doc["unknown"], dtype=bool),
-                   None if score is None else np.asarray(score, dtype=np.float32), latent,
-                   {k: doc.get(k) for k in META_KEYS}).to_frame()
+                   optional("unknown_score", np.float32), latent, {k: doc.get(k) for k in META_KEYS},
+                   labels_raw=optional("labels_raw", str),
+                   probabilities=None if probs is None else probs.reshape(n, -1),
+                   neighbor_label=optional("neighbor_label", str),
+                   neighbor_agreement=optional("neighbor_agreement", np.float32)).to_frame()
 
 
 def frame_from_parquet(data: bytes) -> pd.DataFrame:
@@ -95,6 +139,19 @@ def frame_from_parquet(data: bytes) -> pd.DataFrame:
     frame = table.to_pandas()
     frame.attrs.update(json.loads((table.schema.metadata or {}).get(b"scpermut", b"{}")))
     return frame
+
+
+def _plain(value):
+    """JSON-ready copy of `value`: numpy scalars and arrays as Python numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def decode_query(body: bytes, content_type: str | None = None, layer: str | None = None,

@@ -2,11 +2,13 @@
 
 Assumes Ray is initialised (see `launch.ray_session`). Bad input fails here, before any worker starts:
 preparation opens the source, checks the label column and the filter, QCs and picks genes on the driver.
-The run folder holds `prepared/` (reused by restarts and re-runs), `metrics.jsonl`, `workers/`, the Ray
-storage (`ray/<name>/checkpoint_*`, unless `storage_path` points elsewhere) and, at the end, `model/`.
+The run folder holds `prepared/` (reused by restarts and re-runs), `settings.json` (a re-run must ask for the same
+training), `metrics.jsonl`, `workers/`, the Ray storage (`ray/<name>/checkpoint_*`, unless `storage_path` points
+elsewhere) and, at the end, `model/`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ from typing import Callable
 
 from scpermut_dist.config import RunConfig
 from scpermut_dist.errors import UsageError
+from scpermut_dist.json_report import write_json
 from scpermut_dist.train.prepared import (
     PreparedArrays,
     fingerprint,
@@ -29,6 +32,10 @@ from scpermut_dist.train.reference import build_plan, member_splits
 
 log = logging.getLogger(__name__)
 RUN_NAME = "scpermut"
+SETTINGS = "settings.json"
+# How a run executes, not what it trains: a re-run may change these (resume on GPUs, other thread counts).
+RUN_ONLY_KEYS = {"data": {"source"}, "train": {"num_threads", "parallel_members", "checkpoint_every_steps", "device",
+                                               "precision"}}
 
 
 @dataclass
@@ -61,6 +68,38 @@ def prepare_run(uri: str, factory: Callable, cfg: RunConfig, run_dir: Path, quie
     return arrays
 
 
+def _settings(cfg: RunConfig) -> dict:
+    dump = cfg.model_dump(mode="json")
+    for section, keys in RUN_ONLY_KEYS.items():
+        for key in keys:
+            dump[section].pop(key, None)
+    return dump
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_same_settings(run_dir: Path, cfg: RunConfig) -> None:
+    """A re-run resumes (or returns) what the folder's checkpoints trained: refuse other training settings, rather
+    than hand back the old model under a config.yaml that says otherwise."""
+    path = run_dir / SETTINGS
+    if not path.is_file():
+        return
+    changed = _differences(json.loads(path.read_text()), _settings(cfg))
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise UsageError(f"{run_dir} holds a run with other training settings ({shown}); re-run with its settings "
+                         "to resume it, or use a new --out folder for these")
+
+
+def record_settings(run_dir: Path, cfg: RunConfig) -> None:
+    if not (run_dir / SETTINGS).is_file():
+        write_json(run_dir / SETTINGS, _settings(cfg))
+
+
 def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path, scaling: Scaling,
                storage_path: str | None = None, quiet: bool = True, arrays: PreparedArrays | None = None) -> dict:
     """Train on `scaling.workers` Ray Train workers; returns the final metrics and the model path.
@@ -73,7 +112,9 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    check_same_settings(run_dir, cfg)
     arrays = arrays if arrays is not None else prepare_run(uri, factory, cfg, run_dir, quiet)
+    record_settings(run_dir, cfg)  # after preparation: a run that failed on its input may be re-run corrected
     spec = factory(replace(selection_from_config(cfg.data), genes=tuple(arrays.genes["feature_id"].astype(str))))
     splits = member_splits(arrays, cfg)
     codes = {"label_codes": arrays.label_codes, "batch_codes": arrays.batch_codes, "cells": arrays.cells,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import replace
 from typing import Callable
 
@@ -63,18 +64,50 @@ def train_members_in_parallel(prep: PreparedReference, splits: list[MemberSplit]
     done: dict[int, TrainedMember] = {}
     t0 = time.perf_counter()
     parallel = Parallel(n_jobs=processes, backend="loky", return_as="generator_unordered")
+    outputs = parallel(jobs)
     # A member's epochs are reported when it finishes (workers have no live channel); the bar is for quiet reports.
-    bar = tqdm(parallel(jobs), total=len(splits), unit="member", disable=quiet or report is not None, leave=False)
-    for member in bar:
-        done[member.index] = member
-        for record in member.history if report is not None else ():
-            report(record)
+    bar = tqdm(outputs, total=len(splits), unit="member", disable=quiet or report is not None, leave=False)
+    finished = iter(bar)
+    try:
+        for member in finished:
+            done[member.index] = member
+            for record in member.history if report is not None else ():
+                report(record)
+    except BaseException:  # a member failed, Ctrl-C, SIGTERM (commands.main.Terminated), a failing report
+        _kill_workers(finished, outputs)
+        raise
+    finally:
+        bar.close()
     progress = RunProgress()
     for k in range(len(splits)):
         progress.add(done[k])
     progress.train_seconds = time.perf_counter() - t0  # wall time: the members overlapped
     members = [_module_from_state(cfg, prep, sd) for sd in progress.finished]
     return _reference(prep, cfg, splits, members, progress, t_start)
+
+
+def _kill_workers(*generators) -> None:
+    """Stop the members still training: their loky workers are killed, not left to finish (or orphaned).
+
+    Closing joblib's output generator (and the progress bar's around it) aborts the call, which shuts the
+    executor down with kill_workers=True (joblib does so itself when the exception came up through the
+    generator); the reusable executor's `shutdown(wait=False, kill_workers=True)` then makes sure, should
+    joblib have left it running."""
+    for generator in generators:
+        try:
+            with warnings.catch_warnings():  # joblib's "tasks ... have been cancelled": that is the point here
+                warnings.simplefilter("ignore", UserWarning)
+                generator.close()
+        except BaseException:  # noqa: BLE001 - the original exception is what the caller re-raises
+            log.debug("closing the member generator failed", exc_info=True)
+    from joblib.externals.loky import reusable_executor
+
+    executor = getattr(reusable_executor, "_executor", None)  # loky's process-wide reusable executor, if any
+    if executor is not None:
+        try:
+            executor.shutdown(wait=False, kill_workers=True)
+        except BaseException:  # noqa: BLE001
+            log.debug("shutting the loky executor down failed", exc_info=True)
 
 
 def portable_reference(prep: PreparedReference) -> PreparedReference:

@@ -89,7 +89,8 @@ def load_prepared(folder: str | Path, expected_fingerprint: str) -> PreparedArra
     meta = json.loads((d / "prepared.json").read_text())
     if meta["fingerprint"] != expected_fingerprint:
         raise UsageError(f"{d} was prepared for other data or data settings (fingerprint {meta['fingerprint']}, "
-                         f"this run {expected_fingerprint}); use a new --out folder, or delete {d} to start over")
+                         f"this run {expected_fingerprint}); use a new --out folder, or delete the run folder {d.parent} to "
+                         "start over (its checkpoints belong to the old data)")
     with np.load(d / "codes.npz") as z:
         codes = {k: z[k] for k in ARRAYS if k in z}
     return PreparedArrays(pd.DataFrame(meta["genes"]), Normalization.from_dict(meta["normalization"]),

@@ -194,7 +194,7 @@ def member_trainer(prep: PreparedReference, splits: list[MemberSplit], k: int, c
                       validation=validation, focal_alpha=cfg.loss.focal_alpha, device=cfg.train.device,
                       quiet=quiet, report=report, dann_lr_mult=cfg.train.dann_lr_mult,
                       precision=cfg.train.precision, monitor=cfg.train.early_stopping_monitor,
-                      focal_alpha_max=cfg.loss.focal_alpha_max)
+                      focal_alpha_max=cfg.loss.focal_alpha_max, tolerance=cfg.train.early_stopping_tolerance)
     return trainer, validation
 
 

@@ -50,9 +50,23 @@ class ValidationSet:
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device, checked where training runs (a Ray GPU worker resolves its own, so a
+    driver without CUDA is fine): a CUDA device this machine lacks is a UsageError, not torch's AssertionError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        from scpermut_dist.errors import UsageError
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"train.device={name}: no CUDA device is available on this machine ({build}); "
+                             "use --set train.device=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"train.device={name}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}; pick one of them, or cuda")
+    return device
 
 
 def validation_metrics(module: ScPermutModule | Sequence[ScPermutModule], val: ValidationSet,
@@ -123,7 +137,7 @@ class Trainer:
                  focal_alpha: str = "balanced", device: str | torch.device = "cpu", quiet: bool = True,
                  report: Callable[[dict], None] | None = None, dann_lr_mult: float = 1.0,
                  precision: str = "auto", monitor: str = "balanced_accuracy",
-                 focal_alpha_max: float | None = None) -> None:
+                 focal_alpha_max: float | None = None, tolerance: float = 0.0) -> None:
         self.module, self.make_loader, self.weights = module, make_loader, weights
         self.lr, self.seed, self.validation, self.focal_alpha = lr, seed, validation, focal_alpha
         self.focal_alpha_max = focal_alpha_max
@@ -132,6 +146,9 @@ class Trainer:
         if monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {MONITORS}, got {monitor!r}")
         self.monitor = monitor
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.tolerance = float(tolerance)
         # bf16 autocast on GPU (no loss scaling needed, unlike fp16); CPU stays fp32 (bitwise reproducible).
         self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
         self.rank, self.world_size = dist_rank_world()
@@ -267,15 +284,26 @@ class Trainer:
         self.module.set_trainable([])  # leave everything in eval mode between stages
 
     def _early_stopping_update(self, stage: Stage, epoch: int, metric: float, loss: float) -> None:
-        """Best = highest validation balanced accuracy, ties broken by lower balanced NLL: on easy data accuracy
-        saturates within a few epochs, and a strict `>` on it alone would restore a barely-trained model."""
+        """Best = the lowest balanced NLL among epochs whose monitored metric is within `tolerance` of the stage's
+        peak (tolerance 0: the highest balanced accuracy, ties broken by lower NLL). On easy data accuracy
+        saturates within a few epochs, and a strict `>` on it alone would restore a barely-trained model; on a
+        few hundred validation cells one cell moves balanced accuracy by ~0.005, so a tolerance lets a later,
+        better-fitting epoch win over an early peak that is only noise."""
         st = self._stage_state
         best, best_loss = st["best_metric"], st.get("best_loss", float("inf"))
-        better = best is None or metric > best + 1e-9 or (abs(metric - best) <= 1e-9 and loss < best_loss)
+        peak = st.get("peak", best)
+        new_peak = peak is None or metric > peak + 1e-9
+        floor = (metric if new_peak else peak) - self.tolerance - 1e-9
+        # Within the band below the peak the lower loss wins; a new peak also wins once the kept best falls out of it.
+        better = best is None or (metric >= floor and loss < best_loss) or (new_peak and best < floor)
+        if agree(new_peak):
+            st["peak"] = metric
         if agree(better):
             st.update(best_metric=metric, best_loss=loss, best_epoch=epoch, bad_epochs=0)
             if stage.early_stopping:
                 self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.module.state_dict().items()})
+        elif agree(new_peak):
+            st["bad_epochs"] = 0  # still improving: patience counts from the peak too
         else:
             st["bad_epochs"] += 1
 
