@@ -156,6 +156,27 @@ def test_a_rerun_with_other_training_settings_is_refused_and_changes_nothing(two
         load_reference(two_worker_run)
 
 
+def test_a_run_whose_checkpoints_are_gone_says_how_to_start_over(ray_cluster, census_store_3k, tmp_path, capsys):
+    """Ray's run snapshot names checkpoints deleted since: re-running cannot resume; the error says what to delete,
+    and doing so trains again from the start."""
+    import shutil
+
+    run = tmp_path / "gone"
+    assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 0
+    ray_run = run / "ray" / "scpermut"
+    gone = [d for d in ray_run.iterdir() if d.is_dir()]
+    assert gone  # the run's checkpoints
+    for d in gone:
+        shutil.rmtree(d)
+    capsys.readouterr()
+    assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and f"delete {ray_run}" in err and "Traceback" not in err
+    shutil.rmtree(ray_run)
+    assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 0
+    assert [r["event"] for r in _metrics(run)].count("start") == 2  # started afresh, not resumed
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--workers", "0"], "at least 1 worker"),
     (["--set", "train.scheme=scheme99"], "train.scheme"),

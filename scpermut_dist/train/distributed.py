@@ -131,7 +131,15 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
             name=RUN_NAME, storage_path=storage_path or str(run_dir / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3)))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        if _is_corrupt_run_state(exc):
+            ray_dir = Path(storage_path or run_dir / "ray") / RUN_NAME
+            raise UsageError(f"{run_dir}: its saved Ray run cannot be resumed (a checkpoint it refers to is missing or "
+                             f"unreadable); delete {ray_dir} to train again from the start (prepared/ is kept), or use "
+                             f"a new --out folder") from exc
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"the run ended without a checkpoint: {result.error}")
     model = _collect_model(result.checkpoint, run_dir / MODEL_DIR)
@@ -139,6 +147,18 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     return {**(result.metrics or {}), "model": str(model), "wall_seconds": round(time.perf_counter() - t0, 3),
             "n_cells": int(len(arrays.cells)), "n_genes": int(len(arrays.genes)),
             "n_classes": len(arrays.classes), "n_batches": len(arrays.batches)}
+
+
+def _is_corrupt_run_state(exc: BaseException | None) -> bool:
+    """Ray Train's snapshot of this run names checkpoints that are gone (or is unreadable): resuming cannot work.
+    Matched by name along the cause chain, or in the text of the actor error that carries it (the controller
+    actor dies of it): the class sits in a private module of Ray Train V2."""
+    seen, name = 0, "CheckpointManagerInitializationError"
+    while exc is not None and seen < 10:
+        if type(exc).__name__ == name or name in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _shared_plans(arrays: PreparedArrays, cfg: RunConfig, splits) -> dict:
