@@ -45,11 +45,13 @@ def train_on_ray(uri: str, cfg: RunConfig, args: argparse.Namespace, organism: s
             print(f"error: the run failed after {scaling.max_failures} restart(s): {exc}\n"
                   f"Its checkpoints are kept: re-run the same command (same --out) to resume.", file=sys.stderr)
             return 1
-    print(f"trained on {out['n_cells']} cells ({out['n_classes']} types, {out['n_batches']} batches, "
+    # as the in-process summary counts: training cells here, validation cells on the next line
+    print(f"trained on {out['n_train_cells']} cells ({out['n_classes']} types, {out['n_batches']} batches, "
           f"{out['n_genes']} genes) with {scaling.workers} worker(s) in {out['wall_seconds']:.1f} s, "
           f"{out.get('step', 0)} steps")
     if "val_balanced_accuracy" in out:
-        print(f"validation: balanced accuracy {out['val_balanced_accuracy']:.4f}, accuracy {out['val_accuracy']:.4f}, "
+        print(f"validation ({out['n_val_cells']} cells): balanced accuracy {out['val_balanced_accuracy']:.4f}, "
+              f"accuracy {out['val_accuracy']:.4f}, "
               f"macro F1 {out.get('val_macro_f1', float('nan')):.4f}")
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     print(f"checkpoint: {out['model']}")

@@ -168,7 +168,9 @@ def test_a_run_whose_checkpoints_are_gone_says_how_to_start_over(ray_cluster, ce
     assert gone  # the run's checkpoints
     for d in gone:
         shutil.rmtree(d)
-    capsys.readouterr()
+    summary = json.loads((run / "model" / "manifest.json").read_text())["summary"]  # counted as in-process train counts
+    printed = capsys.readouterr().out
+    assert f"trained on {summary['n_train_cells']} cells" in printed and f"validation ({summary['n_val_cells']} cells)" in printed
     assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 2
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and f"delete {ray_run}" in err and "Traceback" not in err

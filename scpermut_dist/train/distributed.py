@@ -145,7 +145,8 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     model = _collect_model(result.checkpoint, run_dir / MODEL_DIR)
     _finalize_on_driver(model, job, codes, cfg, splits)
     return {**(result.metrics or {}), "model": str(model), "wall_seconds": round(time.perf_counter() - t0, 3),
-            "n_cells": int(len(arrays.cells)), "n_genes": int(len(arrays.genes)),
+            "n_cells": int(len(arrays.cells)), "n_train_cells": int(len(splits[0].train_all)),
+            "n_val_cells": int(len(splits[0].val)), "n_genes": int(len(arrays.genes)),
             "n_classes": len(arrays.classes), "n_batches": len(arrays.batches)}
 
 
