@@ -222,6 +222,14 @@ def test_a_checkpoint_without_library_size_keeps_the_old_normalisation(ckpt, kan
     got = prepare_query_chunk(q.X, plan_query(q.var, ref_old.genes, ref_old.normalization))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert res.probabilities.shape == (300, len(ref_old.classes))
+    import torch
+
+    from scpermut_dist.mapping.predict import predict_proba
+
+    temps = (ref_old.metrics.get("calibration") or {}).get("temperature")  # calibrated T per member, or raw
+    _, want_p = predict_proba(ref_old.members, torch.from_numpy(np.ascontiguousarray(want, dtype=np.float32)),
+                              temperatures=temps)
+    np.testing.assert_allclose(res.probabilities, want_p, rtol=1e-5, atol=1e-6)  # the old normalisation fed the model
 
 
 # ---- unlabelled reference values ------------------------------------------------------------------------------

@@ -302,7 +302,37 @@ def test_same_model_queries_are_batched_and_answered_as_if_alone(server, data):
     answers = [p.result() for p in pending]
     after = mapper.stats.remote().result()
     assert after["queries"] - before["queries"] == 8
-    assert after["batches"] - before["batches"] < 8  # @serve.batch stacked some into one forward pass
+    assert 1 <= after["batches"] - before["batches"] < 8  # @serve.batch stacked some into one forward pass
+    for q, answer in zip(queries, answers):
+        assert isinstance(answer, Payload)
+        _assert_same(answer.to_frame(), ref.map(q), q.obs_names)
+
+
+def test_map_queries_stacks_same_gene_queries_into_one_model_call(data):
+    """The group mapper itself: queries with identical genes cost one `ref.map`, each answer still its own."""
+    from scpermut_dist.serve.app import map_queries
+    from scpermut_dist.serve.codec import Payload
+
+    ref = load_reference(data["models"] / "kang_a")
+
+    class Counting:
+        """Forwards everything to the reference, counting its `map` calls."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, []
+
+        def map(self, query, *args, **kwargs):
+            self.calls.append(query.n_obs)
+            return self.inner.map(query, *args, **kwargs)
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    queries = [data["query"][i * 25:(i + 1) * 25 + 5 * i].copy() for i in range(4)]
+    counting = Counting(ref)
+    answers = map_queries(counting, queries, "kang_a")
+    assert counting.calls == [sum(q.n_obs for q in queries)]  # one forward pass over all stacked cells
+    assert len(answers) == len(queries)
     for q, answer in zip(queries, answers):
         assert isinstance(answer, Payload)
         _assert_same(answer.to_frame(), ref.map(q), q.obs_names)
