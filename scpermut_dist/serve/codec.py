@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from loaders.errors import DataError
+from scpermut_dist.json_report import jsonable
 
 PARQUET = "application/vnd.apache.parquet"
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -65,7 +66,7 @@ class Payload:
         if probs is not None:
             meta["classes"] = [str(c) for c in probs.columns]
         if thresholds:
-            meta["unknown_thresholds"] = _plain(thresholds)
+            meta["unknown_thresholds"] = jsonable(thresholds)
         return cls(obs_names=[str(o) for o in obs_names], labels=np.asarray(result.labels).astype(str),
                    confidence=np.asarray(result.confidence, dtype=np.float32),
                    unknown=np.zeros(n, bool) if unknown is None else np.asarray(unknown, dtype=bool),
@@ -139,19 +140,6 @@ def frame_from_parquet(data: bytes) -> pd.DataFrame:
     frame = table.to_pandas()
     frame.attrs.update(json.loads((table.schema.metadata or {}).get(b"scpermut", b"{}")))
     return frame
-
-
-def _plain(value):
-    """JSON-ready copy of `value`: numpy scalars and arrays as Python numbers and lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def decode_query(body: bytes, content_type: str | None = None, layer: str | None = None,
