@@ -42,8 +42,9 @@ def ingest_h5ad(h5ad_path: str | os.PathLike, store_uri: str | os.PathLike, *, l
     t0 = time.perf_counter()
     with atomic_directory(dest) as tmp:
         with h5py.File(src, "r") as f:
-            reader = _reader(h5ad_counts_matrix(f, layer, where), where, read_elem)
-            obs, var = _obs_frame(read_elem(f["obs"])), _var_frame(read_elem(f["var"]))
+            matrix, var_node = h5ad_counts_matrix(f, layer, where)
+            reader = _reader(matrix, where, read_elem)
+            obs, var = _obs_frame(read_elem(f["obs"])), _var_frame(read_elem(var_node))
             n, g = reader.shape
             if n == 0 or g == 0:
                 raise DataError(f"{where}: the matrix is empty ({n} cells x {g} genes).")

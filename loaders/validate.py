@@ -28,6 +28,6 @@ def check_raw_counts(matrix, where: str, max_values: int = 2_000_000) -> None:
     if np.any(frac > 1e-3):
         raise DataError(
             f"{where}: the matrix holds non-integer values (e.g. {values[frac > 1e-3][0]:.4g}); it looks "
-            "normalised or log-transformed. Provide raw counts: a layer holding them via --layer (e.g. counts), or, "
-            "when `.raw` holds them, `adata.raw.to_adata().write_h5ad(...)` and that file."
+            "normalised or log-transformed. Provide raw counts: the layer holding them via --layer (e.g. counts), or "
+            "--layer raw when an h5ad's `.raw` holds them."
         )

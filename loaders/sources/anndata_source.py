@@ -29,9 +29,33 @@ def var_with_feature_columns(var: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+RAW_LAYER = "raw"  # with no layer of that name, `.raw` (X and var): where scanpy workflows keep the counts
+
+
+def counts_and_var(adata: ad.AnnData, layer: str | None, where: str):
+    """The matrix `layer` names and the genes it is over: X (None), `layers[layer]`, or `.raw` for "raw".
+
+    `.raw` has its own var (often more genes than a filtered X), so the two travel together.
+    """
+    if layer is None:
+        matrix, var = adata.X, adata.var
+    elif layer in adata.layers:
+        matrix, var = adata.layers[layer], adata.var
+    elif layer == RAW_LAYER and adata.raw is not None:
+        matrix, var = adata.raw.X, adata.raw.var
+    else:
+        hint = " (nor a .raw)" if layer == RAW_LAYER else ""
+        also = "; --layer raw reads adata.raw" if adata.raw is not None else ""
+        raise DataError(f"{where}: no layer {layer!r}{hint}; layers are {list(adata.layers)}{also}. "
+                        "Omit --layer to use X.")
+    if matrix is None:
+        raise DataError(f"{where}: X is empty; pass --layer with the layer holding raw counts.")
+    return matrix, var
+
+
 @dataclass
 class AnnDataSource(SizedFromFrames):
-    """Wraps an AnnData whose `X` (or `layer`) holds raw counts."""
+    """Wraps an AnnData whose `X` (or `layer`, or `.raw` as layer "raw") holds raw counts."""
 
     adata: ad.AnnData | None  # None once compacted (compact())
     selection: CellSelection = CellSelection()
@@ -41,7 +65,8 @@ class AnnDataSource(SizedFromFrames):
     def __post_init__(self) -> None:
         if self.adata.n_obs == 0:
             raise DataError(f"{self.where}: the file has no cells.")
-        if self.adata.n_vars == 0:
+        matrix, var = counts_and_var(self.adata, self.layer, self.where)
+        if var.shape[0] == 0:
             raise DataError(f"{self.where}: the file has no genes.")
         obs = self.adata.obs
         if self.selection.obs_value_filter:
@@ -59,12 +84,9 @@ class AnnDataSource(SizedFromFrames):
         std["obs_name"] = std.index.astype(str)
         std.index = pd.RangeIndex(len(std))  # as reset_index(drop=True), without copying every column
         self.obs = std
-        full_var = var_with_feature_columns(self.adata.var)
+        full_var = var_with_feature_columns(var)
         self._genes = resolve_genes(full_var, self.selection.genes, self.where)
         self.var = full_var.iloc[self._genes].reset_index(drop=True)
-        matrix = self.adata.layers[self.layer] if self.layer else self.adata.X
-        if matrix is None:
-            raise DataError(f"{self.where}: X is empty; pass the layer holding raw counts.")
         self._x = sp.csr_matrix(matrix, dtype=np.float32)
 
     def read_counts(self, rows: np.ndarray) -> sp.csr_matrix:

@@ -14,7 +14,8 @@ import scipy.sparse as sp
 
 from loaders.errors import DataError
 from loaders.selection import CellSelection, resolve_genes, standardize_obs
-from loaders.sources.anndata_source import CHUNK_ROWS, AnnDataSource, var_with_feature_columns
+from loaders.sources.anndata_source import (CHUNK_ROWS, RAW_LAYER, AnnDataSource, counts_and_var,
+                                           var_with_feature_columns)
 from loaders.validate import check_raw_counts
 from loaders.sources.base import SizedFromFrames
 
@@ -62,8 +63,7 @@ def _open_in_memory(path: Path, selection: CellSelection, layer: str | None, whe
         adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for a non-AnnData HDF5 file
         raise DataError(f"{where}: could not be read as AnnData ({type(exc).__name__}: {exc}).") from exc
-    if layer is not None and layer not in adata.layers:
-        raise DataError(f"{where}: no layer {layer!r}; layers are {list(adata.layers)}. Omit --layer to use X.")
+    counts_and_var(adata, layer, where)  # a missing layer fails here, with the layers there are
     return _Reopenable(adata, selection, layer, where)
 
 
@@ -81,15 +81,20 @@ def _open_spec(spec):
 
 
 def h5ad_counts_matrix(f, layer: str | None, where: str):
-    """The HDF5 node of X (or `layers/<layer>`) of an open h5ad file, with clear errors when absent."""
+    """The HDF5 nodes of the counts and of their var in an open h5ad file: X, `layers/<layer>`, or `raw/X` with
+    `raw/var` for layer "raw" when no layer has that name (as `counts_and_var` in memory); clear errors when absent."""
     if "obs" not in f or "var" not in f:
         raise DataError(f"{where}: HDF5 file without AnnData obs/var groups: not an h5ad file.")
     key = f"layers/{layer}" if layer else "X"
-    if key not in f:
-        avail = list(f["layers"].keys()) if "layers" in f else []
-        raise DataError(f"{where}: no {key!r} in the file (layers: {avail}). Pass the layer holding raw counts "
-                        "(--layer).")
-    return f[key]
+    if key in f:
+        return f[key], f["var"]
+    if layer == RAW_LAYER and "raw/X" in f and "raw/var" in f:
+        return f["raw/X"], f["raw/var"]
+    avail = list(f["layers"].keys()) if "layers" in f else []
+    also = "; layer raw reads the file's .raw" if "raw/X" in f else ""
+    what = f"no layer {layer!r}" if layer else "no X"
+    raise DataError(f"{where}: {what} in the file (layers: {avail}{also}). Name the layer holding raw counts "
+                    "(--layer).")
 
 
 class H5adBackedSource(SizedFromFrames):
@@ -105,8 +110,8 @@ class H5adBackedSource(SizedFromFrames):
         self._file = h5py.File(path, "r")
         try:
             f = self._file
-            matrix = h5ad_counts_matrix(f, layer, where)
-            obs, full_var = read_elem(f["obs"]), var_with_feature_columns(read_elem(f["var"]))
+            matrix, var_node = h5ad_counts_matrix(f, layer, where)
+            obs, full_var = read_elem(f["obs"]), var_with_feature_columns(read_elem(var_node))
             self._matrix = _RowReader(matrix, where)
             n_obs, n_vars = self._matrix.shape
             if n_obs == 0 or len(obs) == 0:

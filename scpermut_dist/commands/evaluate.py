@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set train.max_epochs=5 (repeatable)")
     p.add_argument("--obs-filter", help="pandas query selecting cells, e.g. \"demuxlet_cls == 'SNG'\"")
-    p.add_argument("--layer", help="layer holding raw counts (default: X)")
+    p.add_argument("--layer", help="layer holding raw counts (default: X; raw: the h5ad's .raw)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default: all)")
     p.add_argument("--seeds", help="comma-separated training seeds for scPermut (default: the config's seed); "
@@ -60,6 +60,7 @@ def load_filtered(path: str, obs_filter: str | None, layer: str | None = None):
     import anndata as ad
 
     from loaders.errors import DataError
+    from loaders.sources.anndata_source import counts_and_var
     from loaders.validate import check_raw_counts
 
     p = Path(path)
@@ -70,9 +71,8 @@ def load_filtered(path: str, obs_filter: str | None, layer: str | None = None):
     except Exception as exc:  # h5py/anndata raise many types for a broken file
         raise DataError(f"{p}: cannot be read as h5ad ({exc}).") from exc
     if layer:
-        if layer not in adata.layers:
-            raise DataError(f"{p}: no layer {layer!r}; layers: {list(adata.layers)}.")
-        adata.X = adata.layers[layer]
+        x, var = counts_and_var(adata, layer, str(p))
+        adata = ad.AnnData(X=x, obs=adata.obs, var=var)  # `.raw` may hold more genes than X
     if obs_filter:
         try:
             keep = adata.obs.eval(obs_filter)

@@ -8,7 +8,7 @@ def add_parser(subparsers) -> None:
                                           "(feature_id, feature_name) and X['raw']. Counts are validated.")
     p.add_argument("h5ad", metavar="X.h5ad")
     p.add_argument("store", metavar="STORE_URI", help="new local directory (must not exist or be empty)")
-    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X; raw: the h5ad's .raw)")
     p.add_argument("--chunk-cells", type=int, default=None, help="rows per chunk (default: ~64 MB of counts)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     store.add_argument("--organism", default=None, help="with a Census-shaped --query: e.g. 'Homo sapiens' (default)")
     store.add_argument("--chunk-cells", type=int, default=None, help="cells read and mapped at a time (default 8192)")
     store.add_argument("--no-probabilities", action="store_true", help="parquet output: omit the p_<class> columns")
-    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X; 'raw' for SOMA)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X; raw: an h5ad's .raw, a SOMA store's X 'raw')")
     p.add_argument("--gene-key", default=None, metavar="COL",
                    help="var column naming the query's genes (Ensembl ids and/or symbols); default: var_names and "
                         "the usual id/symbol columns, matched gene by gene")

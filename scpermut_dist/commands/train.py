@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.clas_w=0.5 (repeatable)")
     p.add_argument("--unlabeled-value", default=None, help="label value meaning 'no label' (e.g. Unknown)")
-    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X for h5ad, 'raw' for SOMA)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X for h5ad, 'raw' for SOMA; raw reads an h5ad's .raw)")
     ray = p.add_argument_group("Ray Train (distributed)")
     ray.add_argument("--workers", type=int, default=None, help="number of DDP workers (Ray Train)")
     ray.add_argument("--address", default=None, help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")

@@ -12,6 +12,7 @@ once, then `x_ng = prepare_query_chunk(x_chunk, plan)` per chunk of raw counts o
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch
 
 from loaders.errors import DataError
 from loaders.normalize import Normalization
+from loaders.sources.anndata_source import RAW_LAYER, counts_and_var
 from loaders.validate import check_raw_counts
 from scpermut_dist.mapping.genes import MIN_GENE_FRACTION, Duplicates, GeneAlignment
 from scpermut_dist.mapping.genes import align_genes as _align
@@ -100,32 +102,43 @@ def map_anndata(module: ScPermutModule | Sequence[ScPermutModule], classes: list
     `module` may be an ensemble's members: the latent is the first member's, the probabilities their mean;
     or a `Predictor` (calibration, reference neighbours, unknown rule: `Predictor.from_reference`).
     """
-    matrix = query_matrix(adata, layer, where)
-    plan = plan_query(adata.var, genes, normalization, gene_key, min_gene_fraction, duplicates, where)
+    matrix, var = query_matrix(adata, layer, where)
     predictor = module if isinstance(module, Predictor) else Predictor(
         [module] if isinstance(module, ScPermutModule) else list(module), list(classes))
     obs_names = adata.obs_names.astype(str)
     parts = []
-    for start in range(0, adata.n_obs, chunk_cells):
-        x_ng = torch.from_numpy(prepare_query_chunk(matrix[start:start + chunk_cells], plan))
-        parts.append(predictor.predict(x_ng, obs_names[start:start + chunk_cells], plan.n_genes_found,
-                                       plan.n_genes_model, plan.matched_by, chunk=chunk_cells))
+    with suggest_raw(adata, layer):
+        plan = plan_query(var, genes, normalization, gene_key, min_gene_fraction, duplicates, where)
+        for start in range(0, adata.n_obs, chunk_cells):
+            x_ng = torch.from_numpy(prepare_query_chunk(matrix[start:start + chunk_cells], plan))
+            parts.append(predictor.predict(x_ng, obs_names[start:start + chunk_cells], plan.n_genes_found,
+                                           plan.n_genes_model, plan.matched_by, chunk=chunk_cells))
     return MappingResult.concat(parts)
 
 
-def query_matrix(adata: ad.AnnData, layer: str | None, where: str):
-    """The query's raw-count matrix, with clear errors for no cells, no genes, a missing layer or no counts."""
+@contextmanager
+def suggest_raw(adata: ad.AnnData, layer: str | None):
+    """A query refused for its genes or values while its `.raw` went unread: say that `--layer raw` reads it (the
+    scanpy layout keeps log-normalised values of filtered genes in X, the counts of all genes in `.raw`)."""
+    try:
+        yield
+    except DataError as exc:
+        if adata.raw is None or layer == RAW_LAYER or "--layer raw" in str(exc):
+            raise
+        raise DataError(f"{exc} The file's .raw holds {adata.raw.n_vars} genes: if it holds the raw counts, "
+                        "--layer raw reads them.") from exc
+
+
+def query_matrix(adata: ad.AnnData, layer: str | None, where: str) -> tuple[object, pd.DataFrame]:
+    """The query's raw-count matrix and the var of its columns (`.raw`'s for layer "raw"), with clear errors for no
+    cells, no genes, a missing layer or no counts."""
     if adata.n_obs == 0:
         raise DataError(f"{where}: the query has no cells.")
-    if adata.n_vars == 0:
+    matrix, var = counts_and_var(adata, layer, where)
+    if var.shape[0] == 0:
         raise DataError(f"{where}: the query has no genes.")
-    if layer is not None and layer not in adata.layers:
-        raise DataError(f"{where}: no layer {layer!r}; layers are {list(adata.layers)}. Omit --layer to use X.")
-    matrix = adata.layers[layer] if layer else adata.X
-    if matrix is None:
-        raise DataError(f"{where}: X is empty; pass --layer with the raw counts.")
     nonzero = matrix.count_nonzero() if sp.issparse(matrix) else np.count_nonzero(np.asarray(matrix))
     if nonzero == 0:
         raise DataError(f"{where}: the count matrix {('layer ' + repr(layer)) if layer else 'X'} is all zeros; "
                         "give the raw counts (e.g. --layer counts).")
-    return matrix
+    return matrix, var

@@ -106,6 +106,7 @@ def replay_from_anndata(adata: ad.AnnData, ref: Reference, label_key: str, batch
     evaluation; training writes the replay from its prepared source directly."""
     from loaders.selection import CellSelection
     from loaders.sources import AnnDataSource
+    from loaders.sources.anndata_source import counts_and_var
 
     keys = tuple(batch_key.split("+")) if isinstance(batch_key, str) else tuple(batch_key or ())
     sel = CellSelection(label_key=label_key, batch_keys=keys,
@@ -114,7 +115,7 @@ def replay_from_anndata(adata: ad.AnnData, ref: Reference, label_key: str, batch
     labels = pd.Index(ref.classes).get_indexer(source.obs["label"].astype(object))  # unlabelled (NA): -1
     batches = pd.Index(ref.batches).get_indexer(source.obs["batch"].astype(str))
     batches[batches < 0] = 0
-    matrix = adata.layers[layer] if layer else adata.X
+    matrix, _ = counts_and_var(adata, layer, "replay reference")
     totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
     return sample_replay(source, np.arange(source.n_cells), labels.astype(np.int64), batches, totals,
                          max_cells=max_cells, seed=seed)
@@ -247,13 +248,15 @@ def _unique_names(names: list[str], taken: set[str]) -> list[str]:
 def normalized_query(ref: Reference, adata: ad.AnnData, layer: str | None, where: str, gene_key: str | None = None,
                      min_gene_fraction: float | None = None) -> sp.csr_matrix:
     """The query as `map` feeds it to the model (same gene alignment and normalisation), kept sparse."""
-    from scpermut_dist.mapping.align import CHUNK_CELLS, plan_query, prepare_query_chunk, query_matrix
+    from scpermut_dist.mapping.align import (CHUNK_CELLS, plan_query, prepare_query_chunk, query_matrix,
+                                             suggest_raw)
 
-    matrix = query_matrix(adata, layer, where)
+    matrix, var = query_matrix(adata, layer, where)
     kw = {} if min_gene_fraction is None else {"min_gene_fraction": min_gene_fraction}
-    plan = plan_query(adata.var, ref.genes, ref.normalization, gene_key=gene_key, where=where, **kw)
-    return sp.vstack([sp.csr_matrix(prepare_query_chunk(matrix[start:start + CHUNK_CELLS], plan))
-                      for start in range(0, adata.n_obs, CHUNK_CELLS)], format="csr", dtype=np.float32)
+    with suggest_raw(adata, layer):
+        plan = plan_query(var, ref.genes, ref.normalization, gene_key=gene_key, where=where, **kw)
+        return sp.vstack([sp.csr_matrix(prepare_query_chunk(matrix[start:start + CHUNK_CELLS], plan))
+                          for start in range(0, adata.n_obs, CHUNK_CELLS)], format="csr", dtype=np.float32)
 
 
 # ----- the fine-tune --------------------------------------------------------------------------------------------

@@ -95,13 +95,17 @@ class ScpermutClient:
 
 
 def h5ad_bytes(adata: ad.AnnData, layer: str | None = None) -> bytes:
-    """An in-memory h5ad of `adata`'s counts (X or `layer`, sent as X), obs names and var."""
+    """An in-memory h5ad of `adata`'s counts (X, `layer` or `.raw`, sent as X), obs names and their var."""
     import h5py
 
-    if layer is not None and layer not in adata.layers:
-        raise UsageError(f"no layer {layer!r}; layers are {list(adata.layers)}")
-    x = adata.layers[layer] if layer else adata.X
-    slim = ad.AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=adata.var)
+    from loaders.errors import DataError
+    from loaders.sources.anndata_source import counts_and_var
+
+    try:
+        x, var = counts_and_var(adata, layer, "query")
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+    slim = ad.AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.astype(str)), var=var)
     sink = io.BytesIO()
     with h5py.File(sink, "w") as f:
         ad.io.write_elem(f, "/", slim)

@@ -156,8 +156,11 @@ def decode_query(body: bytes, content_type: str | None = None, layer: str | None
 
 
 def decode_h5ad(body: bytes, layer: str | None = None, max_decoded_bytes: int | None = None) -> ad.AnnData:
-    """X (or `layer`), obs names and var of an in-memory h5ad; other elements (uns, obsm, ...) are not read."""
+    """X (or `layer`, or `.raw` for layer "raw"), obs names and var of an in-memory h5ad; other elements (uns,
+    obsm, ...) are not read."""
     import h5py
+
+    from loaders.sources.h5ad import h5ad_counts_matrix
 
     if not body.startswith(HDF5_SIGNATURE):
         raise DataError("the body is neither an h5ad (HDF5) file nor JSON: send the h5ad file's bytes "
@@ -167,13 +170,8 @@ def decode_h5ad(body: bytes, layer: str | None = None, max_decoded_bytes: int | 
             for key in ("obs", "var"):
                 if key not in f:
                     raise DataError(f"the h5ad has no {key!r} group: is it an AnnData file?")
-            if layer is not None and ("layers" not in f or layer not in f["layers"]):
-                names = list(f["layers"]) if "layers" in f else []
-                raise DataError(f"the h5ad has no layer {layer!r}; layers are {names}. Omit layer= to use X.")
-            matrix = f["layers"][layer] if layer else f.get("X")
-            if matrix is None:
-                raise DataError("the h5ad has no X; pass layer= with the raw counts")
-            elements = [matrix, f["obs"], f["var"]]
+            matrix, var_node = h5ad_counts_matrix(f, layer, "the h5ad")
+            elements = [matrix, f["obs"], var_node]
             _refuse_outside_references(elements)
             if max_decoded_bytes is not None:
                 size = sum(_decoded_bytes(e) for e in elements)
@@ -182,7 +180,7 @@ def decode_h5ad(body: bytes, layer: str | None = None, max_decoded_bytes: int | 
                                     f"of {max_decoded_bytes / 2**20:.0f} MiB: split the query")
             x = ad.io.read_elem(matrix)
             obs = ad.io.read_elem(f["obs"])
-            var = ad.io.read_elem(f["var"])
+            var = ad.io.read_elem(var_node)
     except DataError:
         raise
     except Exception as exc:  # h5py/anndata raise many types for a malformed file
