@@ -149,6 +149,10 @@ def test_map_bad_query_files(datasets_dir, tmp_path, ckpt, capsys):
     _bad_map(tmp_path, ckpt, q, capsys, "non-integer")
     _run_bad(["map", "--model", str(tmp_path), "--query", str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "o.h5ad")],
              capsys, "not a scpermut checkpoint")
+    _small(datasets_dir).write_h5ad(tmp_path / "good.h5ad")
+    _run_bad(["map", "--model", str(ckpt), "--query", str(tmp_path / "good.h5ad"), "--out", str(tmp_path / "o.csv")],
+             capsys, "ending in .h5ad")  # was: an h5ad written under a .csv name
+    assert not (tmp_path / "o.csv").exists()
 
 
 def test_map_zero_fills_missing_genes_with_a_warning(datasets_dir, tmp_path, ckpt, caplog):

@@ -94,6 +94,11 @@ def test_train_and_map_from_raw_write_onto_the_original_file(files, tmp_path, ca
                  "--quiet"]) == 2  # X is log-normalised: refused, with the way out
     assert "--layer raw" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()
     assert (mapped.obs["scpermut_label_raw"].astype(str).to_numpy() == labels).mean() > 0.5
+    before = (model / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main([a for a in argv if a != "--quiet"] + ["--set", "train.max_epochs=1"]) == 0  # over the same --out
+    assert "holds a checkpoint; this training replaces it" in capsys.readouterr().out
+    assert (model / "manifest.json").read_bytes() != before
 
 
 def test_evaluate_loader_and_server_codec_read_raw(files):

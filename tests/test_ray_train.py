@@ -157,20 +157,25 @@ def test_a_rerun_with_other_training_settings_is_refused_and_changes_nothing(two
 
 
 def test_a_run_whose_checkpoints_are_gone_says_how_to_start_over(ray_cluster, census_store_3k, tmp_path, capsys):
-    """Ray's run snapshot names checkpoints deleted since: re-running cannot resume; the error says what to delete,
-    and doing so trains again from the start."""
+    """The latest checkpoint's state truncated, or Ray's run snapshot naming checkpoints deleted since: re-running
+    cannot resume; the error says what to delete, and doing so trains again from the start."""
     import shutil
 
     run = tmp_path / "gone"
     assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 0
     ray_run = run / "ray" / "scpermut"
-    gone = [d for d in ray_run.iterdir() if d.is_dir()]
+    gone = sorted(d for d in ray_run.iterdir() if d.is_dir())
     assert gone  # the run's checkpoints
-    for d in gone:
-        shutil.rmtree(d)
     summary = json.loads((run / "model" / "manifest.json").read_text())["summary"]  # counted as in-process train counts
     printed = capsys.readouterr().out
     assert f"trained on {summary['n_train_cells']} cells" in printed and f"validation ({summary['n_val_cells']} cells)" in printed
+    state = gone[-1] / "train_state.pt"  # the latest checkpoint, truncated: each restart would fail on it
+    state.write_bytes(state.read_bytes()[:100])
+    assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1", "--max-failures", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and f"delete {ray_run}" in err and "re-run the same command" not in err
+    for d in gone:
+        shutil.rmtree(d)
     assert _train(census_store_3k, run, 2, "--set", "train.max_epochs=1") == 2
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and f"delete {ray_run}" in err and "Traceback" not in err

@@ -92,3 +92,25 @@ def test_reference_annotate_replaces_an_earlier_result(models):
     assert_same_mapping(twice, fresh)
     assert sorted(clear_annotations(twice)) == sorted(written(fresh))
     assert written(twice) == set() and list(twice.obs.columns) == list(query.obs.columns)
+
+
+@pytest.mark.parametrize("rule", [True, False])
+def test_a_server_answer_writes_what_a_local_map_writes(models, rule):
+    """Through the wire format (parquet) and `annotate_from_frame`, with and without an unknown rule: the same
+    obs/obsm keys and values as `annotate` (a reference without a rule gets no `scpermut_unknown` either way)."""
+    import dataclasses
+
+    from scpermut_dist.mapping.output import annotate
+    from scpermut_dist.serve.client import annotate_from_frame
+    from scpermut_dist.serve.codec import Payload, frame_from_parquet
+
+    query = ad.read_h5ad(models["query"])
+    result = load_reference(models["b"]).map(query)
+    if not rule:
+        result = dataclasses.replace(result, unknown=None, unknown_score=None, thresholds=None)
+    assert (result.unknown is not None) == rule
+    frame = frame_from_parquet(Payload.from_result(result, query.obs_names, "b").to_parquet())
+    local = annotate(query.copy(), result, {"model": "b"})
+    remote = annotate_from_frame(query.copy(), frame, "http://127.0.0.1:1", "b")
+    assert ("obs/scpermut_unknown" in written(local)) == rule
+    assert_same_mapping(remote, local)

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--out .parquet is for a SOMA Experiment / Census --query; an h5ad query writes an .h5ad")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give an .h5ad file path")
+    if out.suffix.lower() != ".h5ad":
+        raise UsageError(f"--out {out}: an h5ad query is written back annotated, as .h5ad; give a path ending in "
+                         ".h5ad (the labels as a table: `adata.obs.filter(like='scpermut_').to_csv(...)`)")
     if args.report:
         from scpermut_dist.mapping.report import check_report_dir
 

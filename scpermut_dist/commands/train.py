@@ -80,6 +80,9 @@ def _train_in_process(uri: str, cfg, args: argparse.Namespace, organism: str | N
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise UsageError(f"--out {out} exists and is not a scpermut checkpoint folder; choose another path")
+    if (out / MANIFEST).exists() and not args.quiet:  # said before the minutes of training, not after
+        print(f"note: {out} holds a checkpoint; this training replaces it when it ends (until then it stays as it is)",
+              flush=True)
     resolve_device(cfg.train.device)  # training runs here: a CUDA device this machine lacks fails now, before loading
     options = {"layer": cfg.data.layer, "organism": organism}
 

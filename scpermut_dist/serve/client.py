@@ -125,7 +125,7 @@ def annotate_from_frame(adata: ad.AnnData, frame: pd.DataFrame, server: str, mod
     kind and the unknown thresholds, as a local map writes them. Differences from a local map: uns
     `scpermut` names the model by its server name and holds `server`, but not the checkpoint's path,
     format/package version, label key, ensemble size or calibration (the model card, GET /v1/models, has
-    them); and `scpermut_unknown` (all False) is written even for a reference without an unknown rule.
+    them). A reference without an unknown rule gets no `scpermut_unknown` column, as locally.
     An older server's answer (no probabilities) gives only the label, confidence, unknown flag and score,
     and the latent, with no `classes` in uns.
     """
@@ -155,8 +155,6 @@ def annotate_from_frame(adata: ad.AnnData, frame: pd.DataFrame, server: str, mod
         if result.unknown_score is None:  # no unknown rule: nothing abstains (annotate writes both or neither)
             result.unknown = None
         annotate(adata, result, {"model": model, "server": server})
-        if "scpermut_unknown" not in adata.obs:
-            adata.obs["scpermut_unknown"] = frame["unknown"].to_numpy(bool)
         return adata
     # an older server: only what it sends
     adata.obs["scpermut_label"] = pd.Categorical(frame["label"].to_numpy())

@@ -151,14 +151,21 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
 
 
 def _is_corrupt_run_state(exc: BaseException | None) -> bool:
-    """Ray Train's snapshot of this run names checkpoints that are gone (or is unreadable): resuming cannot work.
-    Matched by name along the cause chain, or in the text of the actor error that carries it (the controller
-    actor dies of it): the class sits in a private module of Ray Train V2."""
-    seen, name = 0, "CheckpointManagerInitializationError"
-    while exc is not None and seen < 10:
-        if type(exc).__name__ == name or name in str(exc):
+    """Ray Train's snapshot of this run names checkpoints that are gone (or is unreadable), or the latest
+    checkpoint's own state is (ray_worker.UnreadableTrainState): resuming cannot work. Matched by class name
+    along the cause chains of the error, of each worker's failure and of the controller's, or in their text
+    (the classes sit in a private module of Ray Train V2, or come back wrapped)."""
+    names = ("CheckpointManagerInitializationError", "UnreadableTrainState")
+    todo, seen = [exc], 0
+    while todo and seen < 50:
+        e = todo.pop()
+        if e is None:
+            continue
+        seen += 1
+        if any(name in type(e).__name__ or name in str(e) for name in names):
             return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        todo += [e.__cause__ or e.__context__, getattr(e, "controller_failure", None),
+                 *getattr(e, "worker_failures", {}).values()]
     return False
 
 

@@ -263,10 +263,19 @@ def _gather(obj, world: int) -> list:
     return out
 
 
+class UnreadableTrainState(RuntimeError):
+    """The latest checkpoint's state cannot be read: every restart would fail on it (the driver says what to delete,
+    matching this class's name in the error Ray carries back)."""
+
+
 def _load_state(checkpoint, rank: int) -> dict:
     """The run's state inside the checkpoint Ray handed back; this rank takes its own RNG stream."""
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        try:
+            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        except Exception as exc:  # truncated, missing or not a torch file: torch raises many types
+            raise UnreadableTrainState(f"{getattr(checkpoint, 'path', d)}: {STATE_FILE} cannot be read "
+                                       f"({type(exc).__name__}: {exc})") from exc
     if state.get("trainer") is not None and state.get("rngs"):
         state["trainer"]["rng"] = state["rngs"][rank]
     return state
