@@ -216,3 +216,25 @@ def test_an_ensemble_trains_member_by_member_on_the_same_workers(ray_cluster, ce
     manifest = json.loads((run / "model" / "manifest.json").read_text())
     assert manifest["ensemble_size"] == 2 and len(manifest["summary"]["members"]) == 2
     assert manifest["summary"]["members"][0]["seed"] != manifest["summary"]["members"][1]["seed"]
+
+
+def test_a_run_on_an_existing_cluster_keeps_its_checkpoints_in_the_storage_path(ray_cluster, census_store_3k, tmp_path):
+    """`--address` (another driver process joins this session's cluster, as on a real one) and `--storage-path`
+    (Ray Train's checkpoints there, e.g. a shared volume, not under the run folder)."""
+    import subprocess
+    import sys
+
+    from scpermut_dist.api import load_reference
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    run, storage = tmp_path / "remote_run", tmp_path / "shared_volume"
+    sets = [a for s in SMALL for a in ("--set", s)]
+    res = subprocess.run([sys.executable, "-m", "scpermut_dist.commands.main", "train", "--store", str(census_store_3k),
+                          "--label-key", "cell_type", "--workers", "1", "--address", address,
+                          "--storage-path", str(storage), "--out", str(run), "--quiet", *sets,
+                          "--set", "train.max_epochs=1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Ray cluster at {address}" in res.stdout
+    assert any(d.name.startswith(("checkpoint", "final")) for d in (storage / "scpermut").iterdir())
+    assert not (run / "ray").exists()  # nothing of Ray's under the run folder
+    assert len(load_reference(run / "model").classes) > 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -244,3 +245,18 @@ def test_the_adversary_learns_on_its_own_time_scale(prepared):
     n_dann = len(list(module.dann.parameters()))
     assert groups[n_dann] == pytest.approx(1e-2) and len(groups) == 2
     assert sorted(groups.values()) == pytest.approx([1e-3, 1e-2])
+
+
+def test_bf16_on_cpu_is_fp32_and_says_so_once(datasets_dir, caplog):
+    """train.precision=bf16 autocasts on CUDA only: on the CPU the weights are fp32's bit for bit, and a note says
+    so once per run (not once per ensemble member: two members train in worker processes here)."""
+    cells = cellbench_sng(datasets_dir)[::3].copy()
+    fp32 = fit(cells, "cell_line", "batch", tiny_config("train.max_epochs=1", "model.ensemble_size=2"))
+    assert not [r for r in caplog.records if "bf16" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="scpermut_dist.train.trainer"):
+        bf16 = fit(cells, "cell_line", "batch", tiny_config("train.max_epochs=1", "model.ensemble_size=2",
+                                                             "train.precision=bf16"))
+    notes = [r for r in caplog.records if "bf16" in r.getMessage()]
+    assert len(notes) == 1 and "fp32" in notes[0].getMessage()
+    for a, b in zip([fp32.module, *fp32.extra_members], [bf16.module, *bf16.extra_members], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))

@@ -29,6 +29,7 @@ from scpermut_dist.train.prepared import (
 from scpermut_dist.train.preprocess import prepare_reference, selection_from_config
 from scpermut_dist.train.ray_worker import MODEL_DIR, WorkerJob, train_loop_per_worker
 from scpermut_dist.train.reference import build_plan, member_splits
+from scpermut_dist.train.trainer import note_precision
 
 log = logging.getLogger(__name__)
 RUN_NAME = "scpermut"
@@ -122,6 +123,7 @@ def run_on_ray(uri: str, factory: Callable, cfg: RunConfig, run_dir: str | Path,
     job = WorkerJob(config=cfg.model_dump(mode="json"), spec=spec, meta=arrays.meta(), codes_ref=ray.put(codes),
                     splits_ref=ray.put(splits), plan_refs=_shared_plans(arrays, cfg, splits), run_dir=str(run_dir),
                     use_gpu=scaling.gpus_per_worker > 0)
+    note_precision(cfg.train.precision, "cuda" if job.use_gpu else "cpu")
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if job.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"job": job},

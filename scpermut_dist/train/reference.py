@@ -26,7 +26,7 @@ from scpermut_dist.train.preprocess import (
     prepare_reference,
 )
 from scpermut_dist.train.split import stratified_split
-from scpermut_dist.train.trainer import Trainer, ValidationSet, validation_metrics
+from scpermut_dist.train.trainer import Trainer, ValidationSet, note_precision, resolve_device, validation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def train_reference(factory: SourceFactory, cfg: RunConfig, where: str, out_dir:
 
     t_start = time.perf_counter()
     set_torch_threads(cfg.train.num_threads)  # unset: torch's count capped at a container's CPU quota
+    note_precision(cfg.train.precision, resolve_device(cfg.train.device).type)
     prep = prepare_reference(factory, cfg.data, where, progress=not quiet)
     try:
         splits = member_splits(prep, cfg)

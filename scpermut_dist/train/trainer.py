@@ -25,6 +25,12 @@ from scpermut_dist.model.module import ScPermutModule
 from scpermut_dist.model.schedule import Stage
 
 log = logging.getLogger(__name__)
+
+
+def note_precision(precision: str, device_type: str) -> None:
+    """Where a run starts (once, not per member or worker): bf16 autocast exists on CUDA only."""
+    if precision == "bf16" and device_type != "cuda":
+        log.warning("train.precision=bf16 applies on a CUDA GPU; training on %s stays in fp32", device_type)
 MONITORS = ("balanced_accuracy", "balanced_nll")  # what early stopping keeps the best of (see _early_stopping_update)
 
 
