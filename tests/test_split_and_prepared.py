@@ -102,3 +102,43 @@ def test_validation_by_batch_scores_the_model_on_a_plate_it_never_trained_on(dat
     plates = adata.obs["batch"].value_counts()
     assert n_val in set(plates.tolist())  # exactly one whole plate held out
     assert ref.summary["n_train_cells"] == adata.n_obs - n_val
+
+
+def test_qc_keys_leave_out_the_cells_and_genes_they_name(datasets_dir):
+    """data.min_counts_per_cell / min_genes_per_cell / min_cells_per_gene on real counts, against numpy: failing
+    cells are never trained on (code -1, not in `cells`), a type that QC removes entirely is not a class, every
+    kept gene is expressed in enough kept cells, and a threshold nothing passes is a clear error."""
+    import scipy.sparse as sp
+    from model_data import cellbench_sng
+
+    from loaders.errors import DataError
+    from loaders.sources import AnnDataSource
+    from scpermut_dist.config import RunConfig
+    from scpermut_dist.train.preprocess import prepare_reference
+
+    a = cellbench_sng(datasets_dir)
+    x = sp.csr_matrix(a.X)
+    lib, n_genes = np.asarray(x.sum(axis=1)).ravel(), np.diff(x.indptr)
+    min_counts, min_genes = int(np.percentile(lib, 20)), int(np.percentile(n_genes, 30))
+    lost_type = a.obs["cell_line"].astype(str).value_counts().index[-1]
+    x = x.tolil()
+    for i in np.flatnonzero(a.obs["cell_line"].astype(str).to_numpy() == lost_type):
+        x[i, :] = 0
+        x[i, 0] = 1  # one count in one gene: below both thresholds
+    a.X = x.tocsr()
+    lib, n_genes = np.asarray(a.X.sum(axis=1)).ravel(), np.diff(a.X.indptr)
+    data = RunConfig().apply_overrides([
+        "data.label_key=cell_line", "data.batch_keys=batch", "data.n_hvg=100000",
+        f"data.min_counts_per_cell={min_counts}", f"data.min_genes_per_cell={min_genes}",
+        "data.min_cells_per_gene=25"]).data
+    prep = prepare_reference(lambda sel: AnnDataSource(a, sel), data)
+    keep = (lib >= min_counts) & (n_genes >= min_genes)
+    np.testing.assert_array_equal(prep.cells, np.flatnonzero(keep))
+    assert (prep.label_codes[~keep] == -1).all() and (prep.label_codes[keep] >= 0).all()
+    assert lost_type not in prep.classes and len(prep.classes) == a.obs["cell_line"].nunique() - 1
+    expressing = np.asarray((a.X[keep] > 0).sum(axis=0)).ravel()
+    gene_pos = pd.Index(a.var_names).get_indexer(prep.genes["feature_name"])
+    np.testing.assert_array_equal(np.sort(gene_pos), np.flatnonzero(expressing >= 25))
+    with pytest.raises(DataError, match="no cell passes QC"):
+        prepare_reference(lambda sel: AnnDataSource(a, sel),
+                          data.model_copy(update={"min_counts_per_cell": int(lib.max()) + 1}))
