@@ -17,4 +17,4 @@ demo: install
 	$(VENV)/bin/scpermut demo --out runs/demo --workers 2
 
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests

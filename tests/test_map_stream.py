@@ -165,3 +165,25 @@ def test_chunks_are_bounded_by_cells_and_stored_values(census_store_3k):
     assert max(c.x.nnz for c in chunks) > 10_000  # the budget, not the cell cap, cut most chunks
     assert np.array_equal(np.concatenate([c.joinids for c in chunks]), np.arange(100, 3000))
     assert all(c.x.shape[1] == 300 and c.obs_names is None for c in chunks)
+
+
+def test_bench_map_measures_each_size_in_its_own_process(census, census_store_3k, tmp_path, capsys):
+    """`scpermut bench map` end to end at test size: maps the first N cells per size in a fresh process, and its
+    numbers are what the outputs hold (cells, rows, row groups, the RSS ratio)."""
+    import math
+
+    out = tmp_path / "bench"
+    assert main(["bench", "map", "--store", str(census_store_3k), "--model", str(census[0]), "--sizes", "400,3000",
+                 "--out", str(out), "--chunk-cells", "500", "--keep-outputs"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "bench_map.json").read_text())
+    assert [run["n_cells"] for run in r["runs"]] == [400, 3000] == [run["requested_cells"] for run in r["runs"]]
+    for run in r["runs"]:
+        meta = pq.ParquetFile(out / f"map_{run['n_cells']}.parquet").metadata
+        assert run["rows_written"] == meta.num_rows == run["n_cells"]
+        assert run["row_groups"] == meta.num_row_groups == math.ceil(run["n_cells"] / 500)  # one per chunk
+        assert run["cells_per_s"] == pytest.approx(run["n_cells"] / run["map_seconds"])
+        assert 0 < run["rss_after_load_mb"] <= run["peak_rss_mb"]
+        assert f"map {run['n_cells']:>9,} cells" in printed
+    assert r["peak_rss_ratio_largest_smallest"] == pytest.approx(r["runs"][1]["peak_rss_mb"] / r["runs"][0]["peak_rss_mb"])
+    assert "peak RSS ratio 3,000 / 400 cells" in printed

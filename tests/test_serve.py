@@ -416,6 +416,25 @@ def test_remapping_on_the_server_leaves_nothing_of_the_old_model(server, data, d
         assert remote.uns["scpermut"][key] == local.uns["scpermut"][key], key
 
 
+def test_bench_serve_against_a_running_server(server, data, tmp_path, monkeypatch, capsys):
+    """`scpermut bench serve --url`: every request answered and counted, its rates are its counts over its time,
+    and the query is repeated up to --cells when it has fewer cells."""
+    monkeypatch.setenv("SCPERMUT_TOKEN", TOKEN)
+    cells = data["query"].n_obs + 7  # more than the file holds
+    out = tmp_path / "bench_serve.json"
+    mapper = _mapper_handle()
+    before = mapper.stats.remote().result()
+    assert main(["bench", "serve", "--url", server, "--model", "kang_b", "--query", str(data["query_path"]),
+                 "--cells", str(cells), "--clients", "2", "--requests", "3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["requests"], r["cells_per_request"], r["model"]) == (6, cells, "kang_b")
+    assert r["requests_per_s"] == pytest.approx(6 / r["seconds"], rel=0.01)
+    assert r["cells_per_s"] == pytest.approx(6 * cells / r["seconds"], rel=0.01)
+    assert 0 < r["latency_p50_s"] <= r["latency_p95_s"]
+    assert mapper.stats.remote().result()["cells"] - before["cells"] == 7 * cells  # a warm-up request + the six timed
+    assert "2 clients x 3 requests" in capsys.readouterr().out
+
+
 def test_serving_wrote_nothing_under_the_models_folder(server, data):
     assert _tree(data["models"]) == data["tree"]
 
