@@ -471,7 +471,20 @@ def test_holdout_type_reports_auroc_and_unknown_fraction(kang_small, tmp_path, c
     eces = [f["methods"]["scpermut"]["info"]["calibration"] for f in report["folds"]]
     for k in ("ece_before", "ece_after"):
         assert report["calibration"]["scpermut"][k] == pytest.approx(np.mean([e[k] for e in eces]))
-    assert "celltypist" not in report["calibration"]
+    assert "ece_after" not in report["calibration"]["celltypist"]  # no temperature: only its query calibration
+    # every method's calibration on the query cells it labels, from predictions.csv's confidences (15 bins, by hand)
+    assert "calibration on the query cells" in printed
+    for name in ("scpermut", "logreg_celltypist", "celltypist"):
+        per_fold = []
+        for fold in report["folds"]:
+            q = preds.query(f"fold == {fold['fold']} and true != 'B cells'")
+            conf, correct = q[f"{name}_confidence"].to_numpy(), (q[name] == q["true"]).to_numpy()
+            ece = sum(abs(correct[b].sum() - conf[b].sum()) for b in
+                      (((conf > i / 15) | (i == 0)) & (conf <= (i + 1) / 15) for i in range(15))) / len(q)
+            assert fold["methods"][name]["query_calibration"]["ece"] == pytest.approx(ece), name
+            assert fold["methods"][name]["query_calibration"]["accuracy"] == pytest.approx(correct.mean()), name
+            per_fold.append(ece)
+        assert report["calibration"][name]["query_ece"] == pytest.approx(np.mean(per_fold)), name
 
 
 def test_finetune_reports_the_adapted_model_beside_the_reference_only_one(kang_small, tmp_path):

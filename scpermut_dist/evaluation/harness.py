@@ -52,6 +52,7 @@ class MethodOutput:
     unknown: np.ndarray | None = None
     score_kind: str | None = None  # "unknown_score" or "1-confidence"
     seconds: float | None = None
+    confidence: np.ndarray | None = None  # the method's confidence in each forced-choice label (query calibration)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ def _score(out: MethodOutput, truth: np.ndarray, ref_freq: dict, ref: ad.AnnData
     has_label = pd.notna(pd.Series(truth)).to_numpy() & known
     m["per_class"] = metrics.per_class_report(truth_s[has_label], labels[has_label])
     m["rare_types"] = metrics.per_class_report(truth_s[has_label], labels[has_label], rare)
+    if out.confidence is not None and has_label.any():
+        m["query_calibration"] = _query_calibration(np.asarray(out.confidence, dtype=float)[has_label],
+                                                    labels[has_label] == truth_s[has_label])
     if holdout_type is not None:
         score = out.unknown_score
         m["holdout"] = {"type": holdout_type, "score": out.score_kind if score is not None else None,
@@ -165,6 +169,8 @@ def _run(adata, splits: list[Split], label_key, batch_key, tmp: Path, methods: d
             outputs[name] = out
             rec["methods"][name] = _score(out, truth, ref_freq, ref, query_full, fold, secs, holdout_type, rare)
             preds[name] = np.asarray(out.labels).astype(str)
+            if out.confidence is not None:
+                preds[f"{name}_confidence"] = np.asarray(out.confidence, dtype=float)
             if out.unknown is not None:
                 preds[f"{name}_unknown"] = np.asarray(out.unknown, bool)
             if holdout_type is not None and out.unknown_score is not None:
@@ -203,9 +209,19 @@ def _run(adata, splits: list[Split], label_key, batch_key, tmp: Path, methods: d
     return report
 
 
+def _query_calibration(confidence: np.ndarray, correct: np.ndarray) -> dict:
+    """How far a method's confidence on the held-out cells is from its accuracy there: the calibration a user
+    meets (the reference's own figure is measured on the validation cells its temperature was fitted on)."""
+    from scpermut_dist.mapping.calibration import confidence_ece
+
+    return {"ece": confidence_ece(confidence, correct), "mean_confidence": float(confidence.mean()),
+            "accuracy": float(np.mean(correct)), "n_cells": int(len(correct))}
+
+
 def _calibration_summary(folds: list[dict], names: list[str]) -> dict:
     """Mean over splits of the ECE figures (keys containing 'ece') a trained reference reports in
-    metrics['calibration'], e.g. before and after calibration; empty where no reference has them."""
+    metrics['calibration'], e.g. before and after calibration, and of each method's query calibration
+    (`query_ece`, `query_mean_confidence`, `query_accuracy`); empty where no method has either."""
     out = {}
     for n in names:
         vals: dict[str, list[float]] = {}
@@ -215,6 +231,9 @@ def _calibration_summary(folds: list[dict], names: list[str]) -> dict:
                 for k, v in cal.items():
                     if "ece" in str(k).lower() and isinstance(v, (int, float)) and np.isfinite(v):
                         vals.setdefault(str(k), []).append(float(v))
+            for k, v in (f["methods"][n].get("query_calibration") or {}).items():
+                if k != "n_cells" and np.isfinite(v):
+                    vals.setdefault(f"query_{k}", []).append(float(v))
         if vals:
             out[n] = {k: float(np.mean(v)) for k, v in vals.items()} | {"n_folds": len(folds)}
     return out

@@ -123,7 +123,7 @@ def _scpermut_output(model, ref: ad.AnnData, query: ad.AnnData, t0: float, extra
                         unknown_score=np.asarray(score, dtype=float),
                         unknown=(np.asarray(unknown, bool) if unknown is not None
                                  else np.asarray(res_q.labels).astype(str) == UNKNOWN_LABEL),
-                        score_kind=kind, seconds=seconds)
+                        score_kind=kind, seconds=seconds, confidence=np.asarray(res_q.confidence, dtype=float))
 
 
 def reference_genes(ref: ad.AnnData, fold: Fold, config) -> list[str]:
@@ -141,7 +141,8 @@ def reference_genes(ref: ad.AnnData, fold: Fold, config) -> list[str]:
 def _baseline_output(r: baselines.BaselineResult, latent: bool = False) -> MethodOutput:
     score = None if r.confidence is None else 1.0 - np.asarray(r.confidence, dtype=float)
     return MethodOutput(r.labels, r.latent_ref if latent else None, r.latent_query if latent else None,
-                        unknown_score=score, unknown=r.unknown, score_kind="1-confidence" if score is not None else None)
+                        unknown_score=score, unknown=r.unknown, score_kind="1-confidence" if score is not None else None,
+                        confidence=None if r.confidence is None else np.asarray(r.confidence, dtype=float))
 
 
 def baseline_methods() -> dict[str, Method]:

@@ -76,7 +76,14 @@ def calibration_table(report: dict) -> str:
                 if eces:
                     rows.append(f"{str(f['query_batch'])[:23]:<24}{n:<20}"
                                 + "  ".join(f"{k}={v:.4f}" for k, v in eces.items()))
-    return "calibration (from the trained reference)\n" + "\n".join(rows) if rows else ""
+    parts = ["calibration (from the trained reference)\n" + "\n".join(rows)] if rows else []
+    query = {n: c for n, c in (report.get("calibration") or {}).items() if "query_ece" in c}
+    if query:
+        parts.append("calibration on the query cells (mean over splits): confidence vs accuracy of each method's "
+                     f"own calls\n{'method':<20}{'confidence':>12}{'accuracy':>10}{'ECE':>8}\n" + "\n".join(
+                         f"{n:<20}{c['query_mean_confidence']:>12.3f}{c['query_accuracy']:>10.3f}{c['query_ece']:>8.3f}"
+                         for n, c in query.items()))
+    return "\n\n".join(parts)
 
 
 def format_report(report: dict) -> str:

@@ -41,8 +41,15 @@ def expected_calibration_error(proba_nc: np.ndarray, labels_n: np.ndarray, n_bin
     proba_nc, labels_n = np.asarray(proba_nc), np.asarray(labels_n)
     if len(labels_n) == 0:
         return float("nan")
-    conf = proba_nc.max(axis=1)
-    correct = (proba_nc.argmax(axis=1) == labels_n).astype(np.float64)
+    return confidence_ece(proba_nc.max(axis=1), proba_nc.argmax(axis=1) == labels_n, n_bins)
+
+
+def confidence_ece(confidence_n: np.ndarray, correct_n: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE of any method's confidence in its own calls (e.g. CellTypist's, whose scores are not a distribution)."""
+    conf = np.asarray(confidence_n, dtype=np.float64)
+    if len(conf) == 0:
+        return float("nan")
+    correct = np.asarray(correct_n, dtype=np.float64)
     bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     gap_b = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, conf, n_bins))  # per-bin sums
-    return float(gap_b.sum() / len(labels_n))
+    return float(gap_b.sum() / len(conf))
