@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -26,7 +27,12 @@ def ray_session(run_dir: str | Path, address: str | None = None, num_cpus: int |
     import ray
 
     if ray.is_initialized():  # a caller (tests, a notebook) owns the session
-        yield "existing Ray session"
+        current = ray.get_runtime_context().gcs_address
+        if address and address not in (current, "auto"):  # host aliases make a mismatch a guess: warn, don't refuse
+            logging.getLogger(__name__).warning(
+                "--address %s is not used: this process is already connected to the Ray cluster at %s "
+                "(ray.shutdown() first to connect elsewhere)", address, current)
+        yield f"existing Ray session ({current})"
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

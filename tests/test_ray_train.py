@@ -238,3 +238,21 @@ def test_a_run_on_an_existing_cluster_keeps_its_checkpoints_in_the_storage_path(
     assert any(d.name.startswith(("checkpoint", "final")) for d in (storage / "scpermut").iterdir())
     assert not (run / "ray").exists()  # nothing of Ray's under the run folder
     assert len(load_reference(run / "model").classes) > 1
+
+
+def test_a_process_already_on_ray_keeps_its_session_and_says_an_address_is_unused(ray_cluster, tmp_path, caplog):
+    """Library or notebook use: the caller's Ray session is used and never shut down here; an --address naming
+    another cluster is not silently dropped."""
+    import logging
+
+    from launch.ray_session import ray_session
+
+    current = ray_cluster.get_runtime_context().gcs_address
+    with caplog.at_level(logging.WARNING, logger="launch.ray_session"):
+        with ray_session(tmp_path, address=current) as where:
+            assert where == f"existing Ray session ({current})"
+        assert not caplog.records
+        with ray_session(tmp_path, address="10.0.0.9:6379"):
+            pass
+    assert "10.0.0.9:6379 is not used" in caplog.text and current in caplog.text
+    assert ray_cluster.is_initialized()  # not shut down: it is the caller's
