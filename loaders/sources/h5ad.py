@@ -14,8 +14,7 @@ import scipy.sparse as sp
 
 from loaders.errors import DataError
 from loaders.selection import CellSelection, resolve_genes, standardize_obs
-from loaders.sources.anndata_source import (CHUNK_ROWS, RAW_LAYER, AnnDataSource, counts_and_var,
-                                           var_with_feature_columns)
+from loaders.sources.anndata_source import CHUNK_ROWS, RAW_LAYER, AnnDataSource, var_with_feature_columns
 from loaders.validate import check_raw_counts
 from loaders.sources.base import SizedFromFrames
 
@@ -63,7 +62,6 @@ def _open_in_memory(path: Path, selection: CellSelection, layer: str | None, whe
         adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for a non-AnnData HDF5 file
         raise DataError(f"{where}: could not be read as AnnData ({type(exc).__name__}: {exc}).") from exc
-    counts_and_var(adata, layer, where)  # a missing layer fails here, with the layers there are
     return _Reopenable(adata, selection, layer, where)
 
 

@@ -25,13 +25,18 @@ from scpermut_dist.model.module import ScPermutModule
 from scpermut_dist.model.schedule import Stage
 
 log = logging.getLogger(__name__)
+MONITORS = ("balanced_accuracy", "balanced_nll")  # what early stopping keeps the best of (see _early_stopping_update)
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); CPU stays fp32 (bitwise reproducible)."""
+    return device_type == "cuda" and precision in ("auto", "bf16")
 
 
 def note_precision(precision: str, device_type: str) -> None:
-    """Where a run starts (once, not per member or worker): bf16 autocast exists on CUDA only."""
-    if precision == "bf16" and device_type != "cuda":
+    """Where a run starts (once, not per member or worker): say that a bf16 request will not be honoured."""
+    if precision == "bf16" and not uses_bf16(precision, device_type):
         log.warning("train.precision=bf16 applies on a CUDA GPU; training on %s stays in fp32", device_type)
-MONITORS = ("balanced_accuracy", "balanced_nll")  # what early stopping keeps the best of (see _early_stopping_update)
 
 
 class StageLoader(Protocol):
@@ -155,8 +160,7 @@ class Trainer:
         if tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.tolerance = float(tolerance)
-        # bf16 autocast on GPU (no loss scaling needed, unlike fp16); CPU stays fp32 (bitwise reproducible).
-        self.autocast = self.device.type == "cuda" and precision in ("auto", "bf16")
+        self.autocast = uses_bf16(precision, self.device.type)
         self.rank, self.world_size = dist_rank_world()
         single_batch = module.dims["n_batches"] < 2
         self.stages = [s for s in ((x.without_dann() if single_batch else x) for x in stages) if s is not None]
